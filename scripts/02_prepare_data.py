@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Step 2: the SMS Spam Collection -> data/{train,valid,test}.jsonl.
+
+Deduplicate first (the raw corpus repeats ~400 messages, so a naive split leaks test messages
+into training), then hold out a stratified test split at the natural ham/spam ratio, and draw the
+tutorial's balanced train/valid sets from what is left. Same seed, same split, every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
+from common import UserError  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+LABEL_WORDS = {"ham": "ham", "spam": "spam", "not spam": "ham", "0": "ham", "1": "spam"}
+TEXT_COLUMNS = ("text", "message", "sms", "v2")
+LABEL_COLUMNS = ("label", "class", "category", "v1")
+
+
+def normalize_label(raw, where: str) -> str:
+    key = str(raw).strip().lower()
+    if key not in LABEL_WORDS:
+        raise UserError(f"{where}: unknown label {str(raw)[:30]!r} (expected ham or spam)")
+    return LABEL_WORDS[key]
+
+
+def normalize_text(raw) -> str:
+    """Collapse whitespace runs; the text is otherwise kept as written."""
+    return re.sub(r"\s+", " ", str(raw)).strip()
+
+
+def dedupe_key(text: str) -> str:
+    return text.casefold()
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path} is empty")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not valid UTF-8 (re-save the file as UTF-8)")
+
+
+def _pick(columns, wanted, what: str, path: Path) -> str:
+    lower = {c.strip().lower(): c for c in columns}
+    for name in wanted:
+        if name in lower:
+            return lower[name]
+    raise UserError(f"{path}: no {what} column (expected one of {', '.join(wanted)})")
+
+
+def read_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(raw text, label, where) from a TSV with no header (the collection's format), a CSV/TSV
+    with a header, or JSONL with text/label fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset {path} not found")
+    text = _decode(path)
+    rows = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {i}: not a JSON object")
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} line {i}: not a JSON object")
+            t = _pick(obj, TEXT_COLUMNS, "text", path)
+            lab = _pick(obj, LABEL_COLUMNS, "label", path)
+            rows.append((obj[t], obj[lab], f"{path.name} line {i}"))
+        return rows
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SMS text has bare quotes
+    records = list(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
+    first = [c.strip().lower() for c in records[0]] if records else []
+    headered = any(c in LABEL_COLUMNS for c in first)
+    if headered:
+        t = first.index(_pick(first, TEXT_COLUMNS, "text", path))
+        lab = first.index(_pick(first, LABEL_COLUMNS, "label", path))
+        records = records[1:]
+    else:  # the collection's own layout: label<TAB>text
+        lab, t = 0, 1
+    for i, rec in enumerate(records, 2 if headered else 1):
+        if not any(c.strip() for c in rec):
+            continue
+        if len(rec) <= max(t, lab):
+            raise UserError(
+                f"{path} line {i}: expected label{'<TAB>' if delimiter == chr(9) else ','}text"
+            )
+        rows.append((rec[t], rec[lab], f"{path.name} line {i}"))
+    return rows
+
+
+def read_hf(dataset_id: str = "ucirvine/sms_spam") -> list[tuple[str, str, str]]:
+    """The same corpus from the Hugging Face Hub (needs network)."""
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(dataset_id, split="train")
+    except Exception as e:  # the datasets library raises many types; all mean "could not load"
+        raise UserError(f"could not load {dataset_id} from the Hub ({type(e).__name__}); "
+                        "use the shipped copy (default) or --source PATH")
+    names = ds.features["label"].names if hasattr(ds.features["label"], "names") else None
+    return [(r["sms"], names[r["label"]] if names else r["label"], f"{dataset_id}[{i}]")
+            for i, r in enumerate(ds)]
+
+
+def clean(rows) -> list[dict]:
+    """Validate, normalise and deduplicate (first occurrence wins)."""
+    seen, out = {}, []
+    for raw_text, raw_label, where in rows:
+        label = normalize_label(raw_label, where)
+        text = normalize_text(raw_text)
+        if not text:
+            raise UserError(f"{where}: empty message")
+        key = dedupe_key(text)
+        if key in seen:
+            continue
+        seen[key] = label
+        out.append({"message": text, "label": label})
+    if not out:
+        raise UserError("the dataset has no messages")
+    return out
+
+
+def split(messages: list[dict], test_fraction: float, train_per_class: int | None,
+          valid_per_class: int, seed: int) -> dict[str, list[dict]]:
+    """Stratified test split at the natural ratio; balanced train/valid from the rest.
+
+    train_per_class=None uses every remaining message (valid first), unbalanced."""
+    rng = np.random.default_rng(seed)
+    by_label = {lab: [m for m in messages if m["label"] == lab] for lab in ("ham", "spam")}
+    test, rest = [], {}
+    for lab, items in by_label.items():
+        order = rng.permutation(len(items))
+        n_test = int(round(test_fraction * len(items)))
+        test += [items[i] for i in order[:n_test]]
+        rest[lab] = [items[i] for i in order[n_test:]]
+    train, valid = [], []
+    for lab, items in rest.items():
+        need = valid_per_class + (train_per_class or 0)
+        if len(items) < need:
+            raise UserError(f"only {len(items)} {lab} messages left after the test split; "
+                            f"need {need} (lower --train-per-class/--valid-per-class)")
+        valid += items[:valid_per_class]
+        train += items[valid_per_class:need] if train_per_class else items[valid_per_class:]
+    shuffled = {}
+    for name, rows in (("train", train), ("valid", valid), ("test", test)):
+        shuffled[name] = [rows[i] for i in rng.permutation(len(rows))]
+    return shuffled
+
+
+def to_line(m: dict) -> dict:
+    return {"text": common.format_example(m["message"], m["label"]), "label": m["label"],
+            "message": m["message"]}
+
+
+def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
+            valid_per_class=80, seed=42) -> dict:
+    if not 0 < test_fraction < 1:
+        raise UserError("--test-fraction must be between 0 and 1")
+    if (train_per_class is not None and train_per_class <= 0) or valid_per_class <= 0:
+        raise UserError("--train-per-class and --valid-per-class must be positive")
+    if source == "hf":
+        rows, origin = read_hf(), "hf:ucirvine/sms_spam"
+    else:
+        path = common.SHIPPED_TSV if source == "shipped" else Path(source)
+        rows, origin = read_rows(path), str(path.name)
+    raw_rows = len(rows)
+    messages = clean(rows)
+    splits = split(messages, test_fraction, train_per_class, valid_per_class, seed)
+    out = Path(out)
+    for name, rows in splits.items():
+        common.write_jsonl(out / f"{name}.jsonl", [to_line(m) for m in rows])
+    counts = {name: {lab: sum(r["label"] == lab for r in rows) for lab in ("ham", "spam")}
+              for name, rows in splits.items()}
+    manifest = {
+        "source": origin, "raw_rows": raw_rows, "seed": seed, "test_fraction": test_fraction,
+        "distinct_messages": len(messages), "counts": counts,
+        "sha256": {name: hashlib.sha256((out / f"{name}.jsonl").read_bytes()).hexdigest()
+                   for name in splits},
+    }
+    common.atomic_write_json(out / "split.json", manifest)
+    return manifest
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", default="shipped",
+                   help="'shipped' (data/SMSSpamCollection.tsv, default), 'hf' (ucirvine/sms_spam "
+                        "from the Hub) or a path to a TSV/CSV/JSONL with text and label columns")
+    p.add_argument("--out", type=Path, default=common.DATA_DIR, help="output folder (data/)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--train-per-class", default="400",
+                   help="training messages per class, or 'all' for every non-test message")
+    p.add_argument("--valid-per-class", type=int, default=80)
+    args = p.parse_args(argv)
+    if args.train_per_class == "all":
+        train_per_class = None
+    else:
+        try:
+            train_per_class = int(args.train_per_class)
+        except ValueError:
+            raise UserError("--train-per-class takes a number or 'all'")
+    m = prepare(args.source, args.out, args.test_fraction, train_per_class,
+                args.valid_per_class, args.seed)
+    print(f"{m['distinct_messages']} distinct messages from {m['source']} (seed {m['seed']})")
+    for name, c in m["counts"].items():
+        print(f"  {name:5s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
+    print(f"wrote {args.out}/{{train,valid,test}}.jsonl and split.json")
+
+
+if __name__ == "__main__":
+    main()

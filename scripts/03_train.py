@@ -1,0 +1,394 @@
+#!/usr/bin/env python
+"""Step 3: LoRA fine-tuning -> models/retrained/adapters/.
+
+mlx-lm supplies the LoRA layers, the schedules and the adapter format (so `mlx_lm.load(...,
+adapter_path=...)` and `mlx_lm fuse` read the result); the loop itself is a plain function here
+because the project needs what mlx-lm's trainer cannot give: a loss over the completion only that
+projects just the label positions onto the vocabulary, a stop on NaN, early stopping and a
+best-validation copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
+from common import UserError  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as adapter_config.json beside the adapters."""
+
+    model: str = field(default=str(common.BASELINE_DIR), metadata={"help": "base model folder"})
+    data: str = field(default=str(common.DATA_DIR), metadata={"help": "folder with train/valid.jsonl"})
+    adapter_path: str = field(default=str(common.ADAPTERS_DIR), metadata={"help": "output folder"})
+    seed: int = field(default=42, metadata={"help": "seeds init, dropout and batch order"})
+    num_layers: int = field(default=16, metadata={"help": "LoRA on the last N blocks"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_scale: float = field(default=20.0, metadata={"help": "LoRA scale (mlx-lm's, not alpha)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    batch_size: int = field(default=4, metadata={"help": "messages per step"})
+    iters: int = field(default=400, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (Adam)"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant | cosine"})
+    warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    loss: str = field(default="all", metadata={"help": "all tokens (the tutorial) | completion"})
+    steps_per_report: int = field(default=10, metadata={"help": "train-loss log interval"})
+    steps_per_eval: int = field(default=50, metadata={"help": "validation interval"})
+    val_batches: int = field(default=10, metadata={"help": "validation batches (-1: all)"})
+    steps_per_save: int = field(default=150, metadata={"help": "numbered checkpoint interval"})
+    early_stopping: int = field(default=0, metadata={"help": "stop after N evals without "
+                                                     "improvement (0: never)"})
+    ship: str = field(default="final", metadata={"help": "adapter to ship: final | best"})
+    max_seq_length: int = field(default=common.MAX_PROMPT_TOKENS + 8,
+                                metadata={"help": "longer examples are truncated"})
+
+    def validate(self):
+        checks = [
+            (self.num_layers > 0, "num_layers must be positive"),
+            (self.lora_rank > 0, "lora_rank must be positive"),
+            (self.batch_size > 0, "batch_size must be positive"),
+            (self.iters > 0, "iters must be positive"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.steps_per_eval > 0 and self.steps_per_report > 0 and self.steps_per_save > 0,
+             "steps_per_* must be positive"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+            (self.loss in ("all", "completion"), "loss must be 'all' or 'completion'"),
+            (self.ship in ("final", "best"), "ship must be 'final' or 'best'"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.warmup >= 0 and self.early_stopping >= 0, "warmup/early_stopping must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"config: {msg}")
+        return self
+
+
+def load_config(name_or_path: str | None, overrides: dict) -> TrainConfig:
+    """Defaults, then a YAML file (configs/NAME.yaml or a path), then command-line flags."""
+    values = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = common.CONFIGS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in common.CONFIGS_DIR.glob("*.yaml")))
+            raise UserError(f"config {name_or_path} not found (known: {known})")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: expected a mapping of settings")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    for key, value in values.items():
+        want = type(getattr(TrainConfig(), key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, want) or isinstance(value, bool) != (want is bool):
+            raise UserError(f"config key {key}: expected {want.__name__}, got {value!r}")
+    return TrainConfig(**values).validate()
+
+
+def adapter_config(cfg: TrainConfig) -> dict:
+    """mlx-lm's adapter_config.json, plus the project's own settings."""
+    return {**dataclasses.asdict(cfg), "fine_tune_type": "lora", "num_layers": cfg.num_layers,
+            "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale,
+                                "dropout": cfg.lora_dropout}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: token ids with the completion's position, in length-bucketed batches.
+
+
+def tokenize(tokenizer, rows: list[dict], max_len: int) -> list[tuple[list[int], int]]:
+    """(ids of prompt + completion + EOS, index where the completion starts)."""
+    labels = common.label_token_ids(tokenizer)
+    out = []
+    for r in rows:
+        prompt = common.encode_prompt(tokenizer, r["message"], max_len - 4)
+        completion = labels[r["label"]] + [tokenizer.eos_token_id]
+        out.append((prompt + completion, len(prompt)))
+    return out
+
+
+def make_batches(examples, batch_size: int) -> list[list[int]]:
+    """Batches of similar length (little padding), fixed for the run like mlx-lm's."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    return [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def batch_at(step: int, batches: list, seed: int) -> list[int]:
+    """The batch of 0-based step `step`: a pure function of (step, seed), so a resumed or
+    repeated run sees exactly the same data order."""
+    epoch, pos = divmod(step, len(batches))
+    return batches[np.random.default_rng([seed, epoch]).permutation(len(batches))[pos]]
+
+
+def collate(examples, idx):
+    seqs = [examples[i][0] for i in idx]
+    ids, lengths = common.pad_batch(seqs)
+    starts = np.array([examples[i][1] for i in idx], dtype=np.int32)
+    return mx.array(ids), mx.array(lengths), mx.array(starts)
+
+
+def loss_fn(model, ids, lengths, starts, completion_only: bool):
+    """Mean cross-entropy per predicted token: over every token (the tutorial), or over the
+    completion only, where just those few positions are projected onto the vocabulary."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    h = common.hidden_states(model, inputs)
+    if completion_only:
+        width = int(ids.shape[1])  # label tokens + EOS <= 4 positions per message
+        offs = mx.arange(4)[None, :]
+        pos = mx.minimum(starts[:, None] - 1 + offs, width - 2)
+        mask = (starts[:, None] - 1 + offs) < (lengths[:, None] - 1)
+        h = mx.take_along_axis(h, pos[..., None], axis=1)
+        targets = mx.take_along_axis(targets, pos, axis=1)
+    else:
+        mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
+    ce = nn.losses.cross_entropy(common.project(model, h).astype(mx.float32), targets) * mask
+    ntoks = mask.sum()
+    return ce.sum() / ntoks, ntoks
+
+
+def evaluate_loss(model, examples, batches, completion_only) -> float:
+    total, count = 0.0, 0
+    for idx in batches:
+        loss, n = loss_fn(model, *collate(examples, idx), completion_only)
+        mx.eval(loss, n)
+        total += loss.item() * n.item()
+        count += n.item()
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def add_lora(model, cfg: TrainConfig) -> int:
+    if cfg.num_layers > len(model.layers):
+        raise UserError(f"num_layers={cfg.num_layers} but the model has {len(model.layers)}")
+    mx.random.seed(cfg.seed)  # LoRA's A matrices are drawn here
+    model.freeze()
+    linear_to_lora_layers(model, cfg.num_layers, adapter_config(cfg)["lora_parameters"])
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model, path: Path):
+    mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
+
+
+def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: Path, log=print):
+    """Train LoRA adapters into run_dir; returns the history (losses, timings, diagnosis)."""
+    mx.random.seed(cfg.seed)
+    completion_only = cfg.loss == "completion"
+    train_ex = tokenize(tokenizer, train_rows, cfg.max_seq_length)
+    valid_ex = tokenize(tokenizer, valid_rows, cfg.max_seq_length)
+    batches = make_batches(train_ex, cfg.batch_size)
+    if not batches:
+        raise UserError(f"need at least batch_size={cfg.batch_size} training messages")
+    val_all = make_batches(valid_ex, cfg.batch_size)
+    if not val_all:
+        raise UserError(f"need at least batch_size={cfg.batch_size} validation messages")
+    keep = np.random.default_rng(cfg.seed).permutation(len(val_all))
+    val_batches = [val_all[i] for i in sorted(keep[: cfg.val_batches])] \
+        if cfg.val_batches > 0 else val_all
+
+    lr = cfg.learning_rate
+    schedule = lr if cfg.lr_schedule == "constant" else build_schedule(
+        {"name": "cosine_decay", "arguments": [lr, max(cfg.iters - cfg.warmup, 1), lr * 0.1],
+         "warmup": cfg.warmup})
+    if cfg.lr_schedule == "constant" and cfg.warmup:
+        schedule = build_schedule({"name": "linear_schedule", "arguments": [lr, lr, 1],
+                                   "warmup": cfg.warmup})
+    optimizer = optim.Adam(learning_rate=schedule)
+    value_and_grad = nn.value_and_grad(model, lambda m, *b: loss_fn(m, *b, completion_only))
+
+    history = {"train": [], "val": [], "diagnosis": []}
+    best = math.inf
+    evals_since_best = 0
+    window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
+    trained_tokens = 0
+    for it in range(1, cfg.iters + 1):
+        if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
+            tic = time.perf_counter()
+            model.eval()
+            val = evaluate_loss(model, valid_ex, val_batches, completion_only)
+            model.train()
+            log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+            history["val"].append({"iteration": it, "val_loss": val})
+            if val < best:
+                best, evals_since_best = val, 0
+                save_adapters(model, run_dir / "best_adapters.safetensors")
+                history["best"] = {"iteration": it, "val_loss": val}
+            else:
+                evals_since_best += 1
+            if cfg.early_stopping and evals_since_best >= cfg.early_stopping:
+                log(f"Early stop at iteration {it}: validation loss has not improved for "
+                    f"{evals_since_best} evaluations (best {best:.3f})")
+                history["diagnosis"].append("early-stopped")
+                break
+
+        tic = time.perf_counter()
+        batch = collate(train_ex, batch_at(it - 1, batches, cfg.seed))
+        (loss, ntoks), grads = value_and_grad(model, *batch)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss, ntoks)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            save_adapters(model, run_dir / "nan_adapters.safetensors")
+            raise UserError(
+                f"loss exploded to {loss_value} at iteration {it}; the last good adapter is "
+                f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
+                f"(now {cfg.learning_rate:g})")
+        window_loss += loss_value
+        window_toks += ntoks.item()
+        window_time += time.perf_counter() - tic
+        window_steps += 1
+        if it % cfg.steps_per_report == 0 or it == cfg.iters:
+            trained_tokens += window_toks
+            entry = {"iteration": it, "train_loss": window_loss / window_steps,
+                     "learning_rate": float(optimizer.learning_rate),
+                     "iterations_per_second": window_steps / window_time,
+                     "tokens_per_second": window_toks / window_time,
+                     "trained_tokens": trained_tokens,
+                     "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            history["train"].append(entry)
+            log(f"Iter {it}: Train loss {entry['train_loss']:.3f}, Learning Rate "
+                f"{entry['learning_rate']:.3e}, It/sec {entry['iterations_per_second']:.3f}, "
+                f"Tokens/sec {entry['tokens_per_second']:.3f}, Trained Tokens {trained_tokens}, "
+                f"Peak mem {entry['peak_memory_gb']:.3f} GB")
+            window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
+        if it % cfg.steps_per_save == 0:
+            save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
+            log(f"Iter {it}: Saved adapter weights to {run_dir.name}/{it:07d}_adapters.safetensors")
+
+    history["iterations_run"] = it
+    save_adapters(model, run_dir / "final_adapters.safetensors")
+    return history
+
+
+def choose_threshold(p_spam: np.ndarray, is_spam: np.ndarray, ham_weight: float) -> dict:
+    """The P(spam) cut with the fewest validation errors, a false alarm on ham weighted by
+    ham_weight (the natural ham:spam ratio, since the validation set is balanced).
+    Returns the midpoint of the best gap between scores, so it is not glued to one message."""
+    cuts = np.unique(np.concatenate([[0.0, 1.0], p_spam]))
+    mids = np.concatenate([[cuts[0] / 2], (cuts[:-1] + cuts[1:]) / 2, [(cuts[-1] + 1) / 2]])
+    best = None
+    for t in mids:
+        flagged = p_spam > t
+        fp = int(np.sum(flagged & ~is_spam))
+        fn = int(np.sum(~flagged & is_spam))
+        cost = ham_weight * fp + fn
+        if best is None or cost < best["cost"] or (cost == best["cost"] and
+                                                   abs(t - 0.5) < abs(best["threshold"] - 0.5)):
+            best = {"threshold": float(t), "cost": float(cost), "valid_false_positives": fp,
+                    "valid_false_negatives": fn}
+    return best
+
+
+def plot_history(history: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e["iteration"] for e in history["train"]], [e["train_loss"] for e in history["train"]],
+            label="train loss")
+    ax.plot([e["iteration"] for e in history["val"]], [e["val_loss"] for e in history["val"]],
+            "o-", label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="configs/NAME.yaml or a YAML path (default: 'default')")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                       help=f.metadata.get("help"))
+    p.add_argument("--reports", type=Path, default=common.REPORTS_DIR, help="where curves go")
+    args = vars(p.parse_args(argv))
+    reports = args.pop("reports")
+    cfg = load_config(args.pop("config") or "default", args)
+
+    data = Path(cfg.data)
+    for split in ("train", "valid"):
+        common.require(data / f"{split}.jsonl", f"{split}.jsonl", "scripts/02_prepare_data.py")
+    train_rows = common.read_jsonl(data / "train.jsonl")
+    valid_rows = common.read_jsonl(data / "valid.jsonl")
+    model, tokenizer = common.load_model(Path(cfg.model))
+    n_base = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_lora = add_lora(model, cfg)
+    print(f"Trainable parameters: {100 * n_lora / n_base:.3f}% "
+          f"({n_lora / 1e6:.3f}M/{n_base / 1e6:.3f}M)")
+    print(f"Training: {len(train_rows)} messages, validation: {len(valid_rows)}, "
+          f"{cfg.iters} iterations of {cfg.batch_size}, lr {cfg.learning_rate:g}, loss {cfg.loss}")
+
+    out = Path(cfg.adapter_path)
+    with common.atomic_dir(out) as run_dir:
+        tic = time.perf_counter()
+        history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir)
+        history["train_seconds"] = time.perf_counter() - tic
+        shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
+                             else "final_adapters.safetensors")
+        model.load_weights(str(shipped), strict=False)
+        mx.save_safetensors(str(run_dir / "adapters.safetensors"), mx.load(str(shipped)))
+        common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
+
+        model.eval()
+        is_spam = np.array([r["label"] == "spam" for r in valid_rows])
+        probs = common.p_spam(model, tokenizer, [r["message"] for r in valid_rows])
+        ham_weight = 4517 / 642  # natural ham:spam ratio of the distinct collection
+        chosen = choose_threshold(probs, is_spam, ham_weight)
+        common.atomic_write_json(run_dir / common.THRESHOLD_FILE, {
+            **chosen, "chosen_on": "valid.jsonl", "ham_weight": ham_weight, "shipped": cfg.ship})
+        majority = max(np.mean(probs > chosen["threshold"]), np.mean(probs <= chosen["threshold"]))
+        if majority > 0.95:
+            history["diagnosis"].append("majority-class collapse")
+            print(f"WARNING: the model gives one class to {majority:.0%} of validation messages "
+                  "(majority-class collapse): train longer or with a higher learning rate")
+        history["threshold"] = chosen
+        common.atomic_write_json(run_dir / "history.json", history)
+
+    common.atomic_write_json(reports / "train_history.json", history)
+    plot_history(history, reports / "loss_curve.png")
+    print(f"Threshold {chosen['threshold']:.3f} chosen on validation "
+          f"({chosen['valid_false_positives']} false alarms, "
+          f"{chosen['valid_false_negatives']} misses of {len(valid_rows)})")
+    print(f"Saved {cfg.ship} adapters to {out} in {history['train_seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

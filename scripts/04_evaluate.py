@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Step 4: evaluate a model -> reports/eval_<name>.json.
+
+Two views: the tutorial's language-model table (loss, perplexity, token accuracy on the 10 fixed
+messages) and what a spam filter is judged by (accuracy, precision, recall, F1, ROC-AUC, ham
+false-positive rate, confusion matrix) on the whole held-out test split, with P(spam) from one
+forward pass per message and the threshold chosen on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
+from common import UserError  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def token_metrics(model, tokenizer, rows: list[dict]) -> dict:
+    """Loss, perplexity and next-token accuracy over every token of prompt + label + EOS, as
+    `mlx_lm lora --test` measures them on the tutorial's text lines."""
+    total_loss, correct, count = 0.0, 0, 0
+    for r in rows:
+        ids = tokenizer.encode(common.format_example(r["message"], r["label"]))
+        ids = mx.array(ids + [tokenizer.eos_token_id])[None]
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        targets = ids[:, 1:]
+        total_loss += nn.losses.cross_entropy(logits, targets).sum().item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        count += targets.size
+    loss = total_loss / count
+    return {"loss": loss, "perplexity": math.exp(loss), "token_accuracy": correct / count,
+            "tokens": count}
+
+
+def classifier_metrics(is_spam: np.ndarray, p_spam: np.ndarray, threshold: float) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    pred = p_spam > threshold
+    tp = int(np.sum(pred & is_spam))
+    fp = int(np.sum(pred & ~is_spam))
+    fn = int(np.sum(~pred & is_spam))
+    tn = int(np.sum(~pred & ~is_spam))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    both = len(set(is_spam.tolist())) == 2
+    return {
+        "messages": int(len(is_spam)), "threshold": threshold,
+        "accuracy": (tp + tn) / len(is_spam), "precision": precision, "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "roc_auc": float(roc_auc_score(is_spam, p_spam)) if both else None,
+        "ham_false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "wrong": {"ham_flagged": fp, "spam_missed": fn},
+    }
+
+
+def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: str,
+             out_dir: Path, batch_size: int = 32) -> dict:
+    test_path = common.require(data_dir / "test.jsonl", "test.jsonl", "scripts/02_prepare_data.py")
+    fixed = [{"message": r["text"], "label": r["label"]} for r in common.read_jsonl(
+        common.require(common.FIXED_MESSAGES, "the fixed test messages", "git checkout data/"))]
+    test = common.read_jsonl(test_path)
+    model, tokenizer = common.load_model(model_dir, adapter_path)
+    threshold = common.read_threshold(adapter_path or model_dir)
+    tic = time.perf_counter()
+    lm = token_metrics(model, tokenizer, fixed)
+    probs = common.p_spam(model, tokenizer, [r["message"] for r in test], batch_size)
+    seconds = time.perf_counter() - tic
+    is_spam = np.array([r["label"] == "spam" for r in test])
+    result = {
+        "name": name, "model": str(model_dir),
+        "adapter_path": str(adapter_path) if adapter_path else None,
+        "fixed_messages": lm, "test": classifier_metrics(is_spam, probs, threshold),
+        "seconds": seconds,
+    }
+    common.atomic_write_json(out_dir / f"eval_{name}.json", result)
+    common.write_jsonl(out_dir / f"scores_{name}.jsonl",
+                       [{"label": r["label"], "p_spam": float(p)} for r, p in zip(test, probs)])
+    return result
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=common.BASELINE_DIR,
+                   help="model folder: the base model, or a fused model")
+    p.add_argument("--adapter-path", type=Path, default=None,
+                   help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
+    p.add_argument("--data", type=Path, default=common.DATA_DIR, help="folder with test.jsonl")
+    p.add_argument("--name", default=None, help="report name (default: baseline or retrained)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, default=common.REPORTS_DIR, help="reports folder")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+    name = args.name or ("retrained" if args.adapter_path or args.model != common.BASELINE_DIR
+                         else "baseline")
+    r = evaluate(args.model, args.adapter_path, args.data, name, args.out, args.batch_size)
+    lm, t = r["fixed_messages"], r["test"]
+    print(f"[{name}] fixed messages: loss {lm['loss']:.3f}, perplexity {lm['perplexity']:.2f}, "
+          f"token accuracy {lm['token_accuracy']:.1%}")
+    print(f"[{name}] test split ({t['messages']} messages, threshold {t['threshold']:.3f}): "
+          f"accuracy {t['accuracy']:.2%}, precision {t['precision']:.3f}, recall "
+          f"{t['recall']:.3f}, F1 {t['f1']:.3f}, ROC-AUC {t['roc_auc']:.4f}, ham FPR "
+          f"{t['ham_false_positive_rate']:.2%}  ({r['seconds']:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Step 6: fuse the LoRA adapters into the base -> models/retrained/fused/.
+
+The result is a self-contained folder that `mlx_lm.load` reads with no adapter. It checks itself
+before it is put in place: the logits of the fused model must match base + adapter on the test
+messages, and every verdict on the test split must be the same; otherwise nothing is written.
+
+By default the fused weights are de-quantized (float16): re-quantizing W + BA to 4 bits rounds most
+of the small LoRA update away. `--keep-quantized` gives mlx-lm's default 4-bit fuse anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
+from common import UserError  # noqa: E402
+
+import numpy as np  # noqa: E402
+from mlx.utils import tree_unflatten  # noqa: E402
+from mlx_lm.tuner.utils import load_adapters  # noqa: E402
+from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, save  # noqa: E402
+
+CARRIED = ("adapter_config.json", common.THRESHOLD_FILE)
+
+
+def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool = True) -> None:
+    """mlx-lm's fuse (the same calls as `mlx_lm fuse`), written to save_path as is."""
+    model, config = load_model(model_dir, strict=True)
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    load_adapters(model, str(adapter_path))
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules()
+             if hasattr(m, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    save(save_path, model_dir, model, tokenizer, config, donate_model=False)
+    for name in CARRIED:
+        if (adapter_path / name).exists():
+            shutil.copy(adapter_path / name, save_path / name)
+
+
+def verify(model_dir: Path, adapter_path: Path, fused_dir: Path, messages: list[str],
+           sample: int = 64) -> dict:
+    """Adapter mode vs fused mode: max |Δlogit| (label tokens) and verdict agreement."""
+    threshold = common.read_threshold(adapter_path)
+    results = {}
+    for mode, (path, adapters) in {"adapter": (model_dir, adapter_path),
+                                   "fused": (fused_dir, None)}.items():
+        model, tokenizer = common.load_model(path, adapters)
+        logits = common.score_logits(model, tokenizer, messages)
+        results[mode] = logits
+        del model
+    delta = np.abs(results["adapter"] - results["fused"])
+    verdicts = {m: (1 / (1 + np.exp(r[:, 1] - r[:, 0]))) > threshold for m, r in results.items()}
+    return {
+        "messages": len(messages),
+        "max_abs_logit_delta": float(delta.max()),
+        "max_abs_logit_delta_first": float(delta[:sample].max()),
+        "verdicts_differ": int(np.sum(verdicts["adapter"] != verdicts["fused"])),
+        "spam_adapter": int(verdicts["adapter"].sum()),
+        "spam_fused": int(verdicts["fused"].sum()),
+        "threshold": threshold,
+    }
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=common.BASELINE_DIR, help="base model folder")
+    p.add_argument("--adapter-path", type=Path, default=common.ADAPTERS_DIR)
+    p.add_argument("--save-path", type=Path, default=common.FUSED_DIR)
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="re-quantize the fused weights to the base's 4 bits (mlx-lm's default)")
+    p.add_argument("--data", type=Path, default=common.DATA_DIR, help="folder with test.jsonl")
+    p.add_argument("--max-delta", type=float, default=0.05,
+                   help="largest |Δlogit| accepted between adapter and fused mode")
+    p.add_argument("--out", type=Path, default=common.REPORTS_DIR, help="reports folder")
+    args = p.parse_args(argv)
+    common.require(args.model / "config.json", "the base model", "scripts/01_download_model.py")
+    common.require(args.adapter_path / "adapters.safetensors", "the adapters",
+                   "scripts/03_train.py")
+    test = common.read_jsonl(common.require(args.data / "test.jsonl", "test.jsonl",
+                                            "scripts/02_prepare_data.py"))
+    with common.atomic_dir(args.save_path) as tmp:
+        fuse(args.model, args.adapter_path, tmp, dequantize=not args.keep_quantized)
+        check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test])
+        check["dequantized"] = not args.keep_quantized
+        print("| mode    | spam verdicts | max abs logit delta |")
+        print("|---------|---------------|---------------------|")
+        print(f"| adapter | {check['spam_adapter']:13d} | {'-':>19s} |")
+        print(f"| fused   | {check['spam_fused']:13d} | {check['max_abs_logit_delta']:19.4f} |")
+        ok = check["verdicts_differ"] == 0 and check["max_abs_logit_delta"] <= args.max_delta
+        common.atomic_write_json(args.out / "fuse_check.json", {**check, "passed": ok})
+        if not ok:
+            raise UserError(
+                f"fused model disagrees with base + adapter ({check['verdicts_differ']} verdicts "
+                f"differ, max |Δlogit| {check['max_abs_logit_delta']:.4f} > {args.max_delta}); "
+                "nothing was written" + ("" if not args.keep_quantized else
+                                         ": 4-bit re-quantization loses the update, drop "
+                                         "--keep-quantized"))
+    print(f"Fused model saved to {args.save_path}: {check['messages']} test verdicts identical, "
+          f"max |Δlogit| {check['max_abs_logit_delta']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

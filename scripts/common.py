@@ -1,0 +1,269 @@
+"""What every numbered script shares: paths, the prompt, errors, atomic writes, the fast BLAS,
+model loading and scoring. Each fact lives here once; the scripts import it.
+
+Importing this module first (before mlx) matters on Linux CPUs: see fastblas.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fastblas  # noqa: E402  (before mlx: may re-execute this process with MKL preloaded)
+
+fastblas.ensure()
+
+import numpy as np  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Paths and the task's facts.
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+MODELS_DIR = ROOT / "models"
+REPORTS_DIR = ROOT / "reports"
+CONFIGS_DIR = ROOT / "configs"
+BASELINE_DIR = MODELS_DIR / "baseline"
+RETRAINED_DIR = MODELS_DIR / "retrained"
+ADAPTERS_DIR = RETRAINED_DIR / "adapters"
+FUSED_DIR = RETRAINED_DIR / "fused"
+SHIPPED_TSV = DATA_DIR / "SMSSpamCollection.tsv"
+FIXED_MESSAGES = DATA_DIR / "fixed_test_messages.jsonl"
+STRESS_SUITE = DATA_DIR / "stress_suite.jsonl"
+
+PROMPT = "Classify the following SMS message as spam or not spam.\nMessage: {text}\nClassification:"
+COMPLETIONS = {"spam": " spam", "ham": " not spam"}
+THRESHOLD_FILE = "threshold.json"
+DEFAULT_THRESHOLD = 0.5
+MAX_PROMPT_TOKENS = 512  # a longer message is truncated (the message, never the prompt or label)
+
+
+def format_prompt(text: str) -> str:
+    return PROMPT.format(text=text)
+
+
+def format_example(text: str, label: str) -> str:
+    """The tutorial's training line: prompt followed by the completion."""
+    return format_prompt(text) + COMPLETIONS[label]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: a user mistake is one line on stderr and exit code 2, never a traceback.
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message says what and which step to run."""
+
+
+def cli(main):
+    """Wrap a script's main(): UserError -> one line + exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130)
+
+    return wrapper
+
+
+def require(path: Path, what: str, step: str) -> Path:
+    if not Path(path).exists():
+        raise UserError(f"{what} not found at {path}: run {step} first")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic artifacts: write under a temporary name in the same folder, then rename into place.
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make artifacts private
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` whole.
+
+    A crash inside the block leaves the previous `path` (or nothing) and no partial folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: load (strictly, from safetensors only), tokenize the prompt, score P(spam).
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
+def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bool | None = None):
+    """A model folder (+ optional LoRA adapters) ready to score.
+
+    On a CPU the 4-bit weights are de-quantized to float32: MLX's CPU quantized matmul runs at
+    ~3 GFLOP/s, its fp32 matmul through MKL at ~200. On Metal/CUDA the 4-bit path is kept."""
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import dequantize_model, load_model as mlx_load_model, load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no model at {model_dir} (config.json missing): "
+                        "run scripts/01_download_model.py first")
+    if not list(model_dir.glob("*.safetensors")):
+        raise UserError(f"{model_dir} has no .safetensors weights: re-run the step that made it")
+    try:
+        model, config = mlx_load_model(model_dir, lazy=False, strict=True)
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0][:200]}")
+    if dequantize if dequantize is not None else on_cpu():
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise UserError(f"no adapters at {adapter_path}: run scripts/03_train.py first")
+        try:
+            load_adapters(model, str(adapter_path))
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise UserError(f"adapters in {adapter_path} do not fit the model in {model_dir}: "
+                            f"{' '.join(str(e).split())[:300]}")
+    model.eval()
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def label_token_ids(tokenizer) -> dict[str, list[int]]:
+    """The completion tokens of each label, as the tokenizer splits them after the prompt."""
+    probe = tokenizer.encode(format_prompt("x"))
+    ids = {}
+    for label, completion in COMPLETIONS.items():
+        full = tokenizer.encode(format_prompt("x") + completion)
+        if full[: len(probe)] != probe:
+            raise UserError("the tokenizer merges the prompt's end with the label; "
+                            "this prompt does not work with this model")
+        ids[label] = full[len(probe):]
+    if ids["spam"][0] == ids["ham"][0]:
+        raise UserError("the two labels start with the same token: cannot score in one pass")
+    return ids
+
+
+def encode_prompt(tokenizer, message: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """Token ids of the prompt; a too-long message is cut (never the prompt around it)."""
+    ids = tokenizer.encode(format_prompt(message))
+    if len(ids) <= max_tokens:
+        return ids
+    frame = len(tokenizer.encode(format_prompt("")))
+    keep = max(max_tokens - frame - 2, 1)
+    cut = tokenizer.decode(tokenizer.encode(message)[:keep])
+    return tokenizer.encode(format_prompt(cut))[:max_tokens]
+
+
+def hidden_states(model, inputs: mx.array) -> mx.array:
+    """The final-norm hidden states, without the vocabulary projection (49,152 columns)."""
+    return model.model(inputs)
+
+
+def project(model, h: mx.array) -> mx.array:
+    """Vocabulary logits for hidden states h (tied or untied output layer)."""
+    if getattr(model, "lm_head", None) is not None and not model.args.tie_word_embeddings:
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids and lengths. A causal model never looks right, so no mask is needed."""
+    lengths = np.array([len(s) for s in seqs], dtype=np.int32)
+    out = np.full((len(seqs), int(lengths.max())), pad_id, dtype=np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, lengths
+
+
+def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
+    """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
+
+    One forward pass per message; batches are formed from messages of similar length."""
+    first = label_token_ids(tokenizer)
+    pair = [first["spam"][0], first["ham"][0]]
+    encoded = [encode_prompt(tokenizer, m) for m in messages]
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    out = np.zeros((len(messages), 2), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        ids, lengths = pad_batch([encoded[i] for i in idx])
+        h = hidden_states(model, mx.array(ids))
+        last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
+        logits = project(model, last)[:, pair]
+        out[idx] = np.array(logits.astype(mx.float32))
+    return out
+
+
+def p_spam(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
+    """P(spam) = softmax over the two label tokens' logits."""
+    logits = score_logits(model, tokenizer, messages, batch_size)
+    return 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))
+
+
+def read_threshold(model_or_adapter_dir: Path) -> float:
+    path = Path(model_or_adapter_dir) / THRESHOLD_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text())["threshold"])
+    return DEFAULT_THRESHOLD

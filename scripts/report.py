@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""The before/after report: reports/report.md and report.json, from what steps 03-06 wrote.
+
+Reads only the JSON files in reports/ (no model is loaded), so it can be re-run at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+
+def load(reports: Path, name: str, step: str, required: bool = True):
+    path = reports / name
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path} not found: run {step} first")
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def num(x, fmt=".3f"):
+    return "n/a" if x is None else format(x, fmt)
+
+
+def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
+    before = load(reports, "eval_baseline.json", "scripts/04_evaluate.py --name baseline")
+    after = load(reports, "eval_retrained.json", "scripts/04_evaluate.py --name retrained")
+    history = load(reports, "train_history.json", "scripts/03_train.py", required=False)
+    fuse = load(reports, "fuse_check.json", "scripts/06_fuse.py", required=False)
+    stress = {n: load(reports, f"stress_{n}.json", "scripts/05_stress_test.py", required=False)
+              for n in ("baseline", "fused")}
+    steps = []
+    if timings and timings.is_file():
+        steps = [line.split("\t") for line in timings.read_text().splitlines() if "\t" in line]
+
+    md = ["# Before / after report", ""]
+    md += ["## Language-model view (the tutorial's table, 10 fixed messages)", "",
+           "| model | eval loss | perplexity | token accuracy |", "|---|---|---|---|"]
+    for r in (before, after):
+        lm = r["fixed_messages"]
+        md.append(f"| {r['name']} | {lm['loss']:.3f} | {lm['perplexity']:.2f} | "
+                  f"{pct(lm['token_accuracy'])} |")
+    md += ["", f"## Classifier view (held-out test split, {after['test']['messages']} messages "
+           "at the natural ratio)", "",
+           "| model | threshold | accuracy | precision | recall | spam F1 | ROC-AUC | ham FPR | "
+           "ham flagged | spam missed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (before, after):
+        t = r["test"]
+        md.append(f"| {r['name']} | {t['threshold']:.3f} | {pct(t['accuracy'])} | "
+                  f"{num(t['precision'])} | {num(t['recall'])} | {num(t['f1'])} | "
+                  f"{num(t['roc_auc'], '.4f')} | {pct(t['ham_false_positive_rate'])} | "
+                  f"{t['wrong']['ham_flagged']} | {t['wrong']['spam_missed']} |")
+    c = after["test"]["confusion"]
+    md += ["", "Confusion matrix of the retrained model (rows: truth, columns: verdict):", "",
+           "| | spam | ham |", "|---|---|---|", f"| spam | {c['tp']} | {c['fn']} |",
+           f"| ham | {c['fp']} | {c['tn']} |"]
+    for name, s in stress.items():
+        if s is None:
+            continue
+        md += ["", f"## Stress test: {name} ({s['messages'] - s['misses']}/{s['messages']} "
+               "correct)", "", "| id | truth | verdict | P(spam) | |", "|---|---|---|---|---|"]
+        for r in s["results"]:
+            if r["category"] in ("final-boss", "tutorial-adversarial") or not r["correct"]:
+                md.append(f"| {r['id']} | {r['label']} | {r['verdict']} | {r['p_spam']:.3f} | "
+                          f"{'ok' if r['correct'] else '**MISS**'} |")
+    if history:
+        md += ["", "## Training", ""]
+        best = history.get("best", {})
+        md.append(f"{history['iterations_run']} iterations in {history['train_seconds']:.0f} s; "
+                  f"best validation loss {best.get('val_loss', float('nan')):.3f} at iteration "
+                  f"{best.get('iteration')}. Diagnosis: "
+                  f"{', '.join(history['diagnosis']) or 'none of NaN, overfitting or collapse'}.")
+        md += ["", "![loss curve](loss_curve.png)"]
+    if fuse:
+        md += ["", "## Fuse check", "",
+               f"Adapter mode vs fused mode on {fuse['messages']} test messages: max |Δlogit| "
+               f"{fuse['max_abs_logit_delta']:.4f}, {fuse['verdicts_differ']} verdicts differ "
+               f"({'passed' if fuse['passed'] else 'FAILED'})."]
+    if steps:
+        md += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
+        md += [f"| {n} | {s} |" for n, s in steps]
+        md.append(f"| total | {sum(float(s) for _, s in steps):.1f} |")
+    data = {"baseline": before, "retrained": after, "stress": {
+        n: (None if s is None else {k: v for k, v in s.items() if k != "results"})
+        for n, s in stress.items()}, "fuse_check": fuse, "timings": dict(steps)}
+    return "\n".join(md) + "\n", data
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reports", type=Path, default=common.REPORTS_DIR)
+    p.add_argument("--timings", type=Path, default=None, help="step<TAB>seconds lines")
+    args = p.parse_args(argv)
+    md, data = build(args.reports, args.timings)
+    common.atomic_write_text(args.reports / "report.md", md)
+    common.atomic_write_json(args.reports / "report.json", data)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared test helpers. pytest itself is re-executed with the fast BLAS (see scripts/fastblas.py)
+before any test module imports mlx."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+
+import fastblas  # noqa: E402  (imports nothing heavy)
+import pytest  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses the real 135M model (runs in CI, on the CPU)")
+    if fastblas.fast_blas_env(os.environ) is not None:
+        # The re-exec inherits file descriptors: give pytest's real stdout/stderr back first.
+        config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
+        fastblas.ensure()
+
+
+def load_script(name: str):
+    """Import scripts/NN_name.py as a module (its file name starts with a digit)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(script: str, *args, input: str | None = None, env: dict | None = None):
+    """Run a numbered script as a user would, in a subprocess."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, input=input, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    import tiny
+
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", quantize=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    prep = load_script("02_prepare_data")
+    out = tmp_path_factory.mktemp("data")
+    prep.prepare("shipped", out)
+    return out

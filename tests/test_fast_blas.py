@@ -1,0 +1,55 @@
+"""Every way of running the code gets MKL in place of MLX's bundled reference BLAS on Linux."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastblas
+from conftest import ROOT
+
+linux_x86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+pytestmark = pytest.mark.skipif(not linux_x86, reason="MKL is preloaded on Linux x86-64 only")
+
+PROBE = ("import sys; sys.path.insert(0, 'scripts'); import common, fastblas; "
+         "import mlx.core as mx, numpy as np; a = np.random.rand(64, 48).astype(np.float32); "
+         "b = np.random.rand(48, 32).astype(np.float32); "
+         "err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max()); "
+         "print(fastblas.blas_in_use(), err < 1e-4)")
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", fastblas.FAST_BLAS_ENV, "MKL_THREADING_LAYER")}
+    return {**env, **extra}
+
+
+def test_the_test_process_runs_on_mkl():
+    assert fastblas.find_mkl() is not None, "the mkl wheel is missing: pip install -r requirements.txt"
+    assert fastblas.blas_in_use() == "mkl"
+
+
+def test_a_script_run_alone_gets_mkl_without_a_manual_step():
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT,
+                       env=clean_env())
+    assert r.stdout.split() == ["mkl", "True"], r.stderr
+
+
+def test_the_switch_off_really_gives_the_reference_blas():
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT,
+                       env=clean_env(**{fastblas.FAST_BLAS_ENV: "0"}))
+    assert r.stdout.split() == ["reference", "True"], r.stderr
+
+
+def test_numbered_script_help_runs_on_mkl():
+    # --help exits before any model work, but after the import that swaps the BLAS in.
+    probe = ("import runpy, sys; sys.argv = ['scripts/02_prepare_data.py', '--help'];"
+             "import atexit, fastblas; sys.path.insert(0, 'scripts');"
+             "atexit.register(lambda: print('BLAS', fastblas.blas_in_use()));"
+             "runpy.run_path('scripts/02_prepare_data.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                       env=clean_env(PYTHONPATH=str(ROOT / "scripts")))
+    assert "BLAS mkl" in r.stdout, r.stderr

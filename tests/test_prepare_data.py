@@ -1,0 +1,99 @@
+"""Step 2: the split is deterministic, disjoint, stratified; bad input fails cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import common
+
+from conftest import ROOT, load_script, run_script
+
+prep = load_script("02_prepare_data")
+
+
+def test_split_counts_match_the_collection(tmp_path):
+    m = prep.prepare("shipped", tmp_path)
+    assert m["raw_rows"] == 5574
+    assert m["distinct_messages"] == 5159
+    assert m["counts"]["train"] == {"ham": 400, "spam": 400}
+    assert m["counts"]["valid"] == {"ham": 80, "spam": 80}
+    assert m["counts"]["test"] == {"ham": 903, "spam": 128}  # 20% of 4,517 ham and 642 spam
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    prep.prepare("shipped", a)
+    prep.prepare("shipped", b)
+    keys = {}
+    for split in ("train", "valid", "test"):
+        assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
+        keys[split] = {prep.dedupe_key(r["message"]) for r in common.read_jsonl(a / f"{split}.jsonl")}
+    assert not keys["train"] & keys["valid"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["valid"] & keys["test"]
+    other = tmp_path / "seed7"
+    prep.prepare("shipped", other, seed=7)
+    assert (other / "test.jsonl").read_bytes() != (a / "test.jsonl").read_bytes()
+
+
+def test_lines_carry_the_tutorial_format(tmp_path):
+    prep.prepare("shipped", tmp_path)
+    row = common.read_jsonl(tmp_path / "train.jsonl")[0]
+    assert row["text"] == common.format_prompt(row["message"]) + common.COMPLETIONS[row["label"]]
+    assert row["text"].startswith("Classify the following SMS message as spam or not spam.\nMessage: ")
+    assert row["text"].endswith("\nClassification: spam") or row["text"].endswith(
+        "\nClassification: not spam")
+
+
+def test_all_non_test_rows(tmp_path):
+    m = prep.prepare("shipped", tmp_path, train_per_class=None)
+    assert m["counts"]["train"] == {"ham": 4517 - 903 - 80, "spam": 642 - 128 - 80}
+
+
+@pytest.mark.parametrize("suffix,content", [
+    (".csv", "label,text\nspam,WIN a prize\nham,see you at 6\nHam,ok\nSPAM,Free entry\n"),
+    (".jsonl", '{"text": "WIN a prize", "label": "spam"}\n{"text": "ok", "label": "ham"}\n'
+               '{"text": "see you", "label": "not spam"}\n{"text": "Free", "label": 1}\n'),
+    (".tsv", "spam\tWIN \"a\" prize\nham\tsee you at 6\nham\tok\nspam\tFree entry\n"),
+])
+def test_other_formats(tmp_path, suffix, content):
+    src = tmp_path / f"in{suffix}"
+    src.write_text(content, encoding="utf-8")
+    rows = prep.clean(prep.read_rows(src))
+    assert sorted(r["label"] for r in rows) == ["ham", "ham", "spam", "spam"]
+
+
+BAD = {
+    "missing": (None, "not found"),
+    "empty": (b"", "empty"),
+    "unknown-label": (b"spam\thi\nmaybe\tthere\n", "unknown label"),
+    "no-text": (b"spam\thi\nham\t   \n", "empty message"),
+    "no-tab": (b"spam hi there\n", "expected label"),
+    "non-utf8": (b"ham\tcaf\xe9\n", "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    content, needle = BAD[case]
+    src = tmp_path / "in.tsv"
+    if content is not None:
+        src.write_bytes(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text("previous\n")
+    r = run_script("02_prepare_data.py", "--source", src, "--out", out)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
+    assert (out / "train.jsonl").read_text() == "previous\n"
+
+
+def test_counts_must_be_positive(tmp_path):
+    r = run_script("02_prepare_data.py", "--out", tmp_path, "--train-per-class", "0")
+    assert r.returncode == 2 and "positive" in r.stderr
+    r = run_script("02_prepare_data.py", "--out", tmp_path, "--train-per-class", "5000")
+    assert r.returncode == 2 and "need" in r.stderr

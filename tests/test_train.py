@@ -1,0 +1,132 @@
+"""Step 3: LoRA on the real architecture's shape, the config, the loop, the threshold."""
+
+import json
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+import common
+import tiny
+from conftest import load_script, run_script
+
+train = load_script("03_train")
+
+
+def test_trainable_parameters_of_smollm2_135m_are_the_tutorials():
+    """1,302,528 = 16 layers x rank 8 x (q 576+576, k 576+192, v 576+192, o 576+576,
+    gate/up/down 3 x (576+1536)): the tutorial's "1.303M/134.515M"."""
+    model = llama.Model(llama.ModelArgs.from_dict(tiny.SMOLLM2_135M))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert total == 134_515_008
+    cfg = train.load_config("seed", {})
+    assert train.add_lora(model, cfg) == 1_302_528
+
+
+def test_shipped_configs_parse():
+    seed = train.load_config("seed", {})
+    assert (seed.num_layers, seed.lora_rank, seed.lora_scale, seed.batch_size, seed.iters,
+            seed.learning_rate, seed.steps_per_eval, seed.val_batches, seed.loss) == \
+        (16, 8, 20.0, 4, 400, 5e-5, 50, 10, "all")
+    default = train.load_config("default", {})
+    assert default.loss == "completion"
+    assert train.load_config("seed", {"iters": 7}).iters == 7  # flags override the file
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("iters: 10\nbogus: 1\n", "unknown config key(s): bogus"),
+    ("iters: ten\n", "iters: expected int"),
+    ("iters: -1\n", "iters must be positive"),
+    ("loss: everything\n", "loss must be"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("iters: [\n", "not valid YAML"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, yaml_text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    r = run_script("03_train.py", "--config", path, "--adapter-path", tmp_path / "ad")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ad").exists()
+
+
+def test_training_before_data_is_prepared_names_the_step(tmp_path, tiny_model):
+    r = run_script("03_train.py", "--model", tiny_model, "--data", tmp_path / "nothing",
+                   "--adapter-path", tmp_path / "ad")
+    assert r.returncode == 2 and "02_prepare_data.py" in r.stderr
+    r = run_script("03_train.py", "--model", tmp_path / "no-model", "--adapter-path",
+                   tmp_path / "ad")
+    assert r.returncode == 2 and "01_download_model.py" in r.stderr
+
+
+def test_batch_order_is_a_pure_function_of_step_and_seed():
+    batches = [[i] for i in range(10)]
+    first = [train.batch_at(s, batches, 42) for s in range(25)]
+    assert first == [train.batch_at(s, batches, 42) for s in range(25)]
+    assert sorted(b[0] for b in first[:10]) == list(range(10))  # each epoch sees every batch
+    assert first != [train.batch_at(s, batches, 7) for s in range(25)]
+
+
+def test_completion_loss_only_counts_the_label_tokens(tiny_model):
+    model, tok = common.load_model(tiny_model)
+    rows = [{"message": "WIN a prize now", "label": "spam"}, {"message": "ok see you", "label": "ham"}]
+    ex = train.tokenize(tok, rows, 64)
+    labels = common.label_token_ids(tok)
+    _, n_completion = train.loss_fn(model, *train.collate(ex, [0, 1]), True)
+    _, n_all = train.loss_fn(model, *train.collate(ex, [0, 1]), False)
+    # label tokens + EOS per message; every next-token position for "all"
+    assert n_completion.item() == len(labels["spam"]) + len(labels["ham"]) + 2
+    assert n_all.item() == sum(len(ids) - 1 for ids, _ in ex)
+
+
+def test_choose_threshold_prefers_few_false_alarms():
+    p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
+    is_spam = np.array([False, False, False, True, True, True])
+    t = train.choose_threshold(p, is_spam, ham_weight=7.0)
+    assert 0.6 < t["threshold"] < 0.7
+    assert t["valid_false_positives"] == 0 and t["valid_false_negatives"] == 0
+    # a spam scored below a ham: with ham weighted 7x the cut goes above the ham
+    p = np.array([0.1, 0.5, 0.4, 0.9])
+    is_spam = np.array([False, False, True, True])
+    t = train.choose_threshold(p, is_spam, ham_weight=7.0)
+    assert 0.5 < t["threshold"] < 0.9 and t["valid_false_negatives"] == 1
+
+
+def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
+    ad, rep = tmp_path / "adapters", tmp_path / "reports"
+    r = run_script("03_train.py", "--config", "seed", "--model", tiny_model, "--data", data_dir,
+                   "--adapter-path", ad, "--reports", rep, "--iters", "12", "--num-layers", "2",
+                   "--steps-per-eval", "5", "--steps-per-save", "6", "--steps-per-report", "4")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ad.iterdir()) == [
+        "0000006_adapters.safetensors", "0000012_adapters.safetensors", "adapter_config.json",
+        "adapters.safetensors", "best_adapters.safetensors", "final_adapters.safetensors",
+        "history.json", "threshold.json"]
+    assert sorted(p.name for p in rep.iterdir()) == ["loss_curve.png", "train_history.json"]
+    lines = r.stdout.splitlines()
+    assert re.fullmatch(r"Iter 1: Val loss \d+\.\d{3}, Val took \d+\.\d{3}s", lines[2])
+    assert [int(l.split(":")[0].split()[1]) for l in lines if "Val loss" in l] == [1, 5, 10, 12]
+    assert [int(l.split(":")[0].split()[1]) for l in lines if "Train loss" in l] == [4, 8, 12]
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
+    assert cfg["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0}
+    # the shipped (final) adapter is what mlx-lm loads
+    assert mx.array_equal(mx.load(str(ad / "adapters.safetensors"))["model.layers.1.mlp.up_proj.lora_b"],
+                          mx.load(str(ad / "final_adapters.safetensors"))["model.layers.1.mlp.up_proj.lora_b"])
+    from mlx_lm import load
+    load(str(tiny_model), adapter_path=str(ad))
+
+
+def test_same_seed_same_adapter(tmp_path, tiny_model, data_dir):
+    outs = []
+    for name in ("a", "b"):
+        r = run_script("03_train.py", "--model", tiny_model, "--data", data_dir, "--adapter-path",
+                       tmp_path / name, "--reports", tmp_path / f"rep{name}", "--iters", "6",
+                       "--num-layers", "2", "--ship", "final")
+        assert r.returncode == 0, r.stderr
+        outs.append(mx.load(str(tmp_path / name / "adapters.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        assert mx.array_equal(outs[0][k], outs[1][k]), k
