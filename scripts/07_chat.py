@@ -41,13 +41,20 @@ def read_messages(path: Path) -> list[str]:
                 raise UserError(f"{path} line {i}: not JSON")
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f"{path} line {i}: expected an object with a 'text' string")
+            if not obj["text"].strip():
+                raise UserError(f"{path} line {i}: empty message")
             out.append(obj["text"])
         return out
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(raw))
         if "text" not in (reader.fieldnames or []):
             raise UserError(f"{path}: no 'text' column in the header")
-        return [row["text"] or "" for row in reader]
+        out = []
+        for i, row in enumerate(reader, 2):
+            if not (row["text"] or "").strip():
+                raise UserError(f"{path} line {i}: empty message")
+            out.append(row["text"])
+        return out
     return [line for line in raw.splitlines() if line.strip()]
 
 

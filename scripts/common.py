@@ -38,6 +38,7 @@ FUSED_DIR = RETRAINED_DIR / "fused"
 SHIPPED_TSV = DATA_DIR / "SMSSpamCollection.tsv"
 FIXED_MESSAGES = DATA_DIR / "fixed_test_messages.jsonl"
 STRESS_SUITE = DATA_DIR / "stress_suite.jsonl"
+SUPPLEMENT = DATA_DIR / "modern_sms.jsonl"
 
 PROMPT = "Classify the following SMS message as spam or not spam.\nMessage: {text}\nClassification:"
 COMPLETIONS = {"spam": " spam", "ham": " not spam"}
@@ -237,19 +238,51 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.nd
     return out, lengths
 
 
+def prompt_prefix_ids(tokenizer) -> list[int]:
+    """Token ids of the prompt's fixed opening, which every message shares."""
+    return tokenizer.encode(PROMPT.split("{text}")[0].rstrip(" "))
+
+
+def _prefix_cache(model, prefix: list[int]):
+    """Per-layer (keys, values) of the shared prompt opening, computed once."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model.model(mx.array([prefix]), cache=cache)
+    states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+    mx.eval(states)
+    return states
+
+
+def _batch_cache(model, states, batch: int):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for c, (k, v) in zip(cache, states):
+        c.state = (mx.broadcast_to(k, (batch, *k.shape[1:])),
+                   mx.broadcast_to(v, (batch, *v.shape[1:])), k.shape[2])
+    return cache
+
+
 def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
     """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
 
-    One forward pass per message; batches are formed from messages of similar length."""
+    One forward pass per message, batched by similar length. The prompt's opening, the same for
+    every message, is computed once and its keys/values are reused by every batch."""
     first = label_token_ids(tokenizer)
     pair = [first["spam"][0], first["ham"][0]]
     encoded = [encode_prompt(tokenizer, m) for m in messages]
+    prefix = prompt_prefix_ids(tokenizer)
+    shared = len(prefix) if all(e[: len(prefix)] == prefix and len(e) > len(prefix)
+                                for e in encoded) else 0
+    states = _prefix_cache(model, prefix) if shared else None
     order = np.argsort([len(e) for e in encoded], kind="stable")
     out = np.zeros((len(messages), 2), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        ids, lengths = pad_batch([encoded[i] for i in idx])
-        h = hidden_states(model, mx.array(ids))
+        ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
+        cache = _batch_cache(model, states, len(idx)) if shared else None
+        h = model.model(mx.array(ids), cache=cache)
         last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
         logits = project(model, last)[:, pair]
         out[idx] = np.array(logits.astype(mx.float32))

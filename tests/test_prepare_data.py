@@ -20,6 +20,7 @@ def test_split_counts_match_the_collection(tmp_path):
     assert m["counts"]["train"] == {"ham": 400, "spam": 400}
     assert m["counts"]["valid"] == {"ham": 80, "spam": 80}
     assert m["counts"]["test"] == {"ham": 903, "spam": 128}  # 20% of 4,517 ham and 642 spam
+    assert set(m["sha256"]) == {"train", "valid", "test", "train_all"}
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
@@ -27,9 +28,11 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     prep.prepare("shipped", a)
     prep.prepare("shipped", b)
     keys = {}
-    for split in ("train", "valid", "test"):
+    for split in ("train", "train_all", "valid", "test"):
         assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
         keys[split] = {prep.dedupe_key(r["message"]) for r in common.read_jsonl(a / f"{split}.jsonl")}
+    assert not keys["train_all"] & keys["valid"]
+    assert not keys["train_all"] & keys["test"]
     assert not keys["train"] & keys["valid"]
     assert not keys["train"] & keys["test"]
     assert not keys["valid"] & keys["test"]
@@ -47,9 +50,37 @@ def test_lines_carry_the_tutorial_format(tmp_path):
         "\nClassification: not spam")
 
 
-def test_all_non_test_rows(tmp_path):
-    m = prep.prepare("shipped", tmp_path, train_per_class=None)
-    assert m["counts"]["train"] == {"ham": 4517 - 903 - 80, "spam": 642 - 128 - 80}
+def test_train_all_is_every_message_outside_test_and_valid(tmp_path):
+    m = prep.prepare("shipped", tmp_path, supplement=None)
+    assert m["counts"]["train_all"] == {"ham": 4517 - 903 - 80, "spam": 642 - 128 - 80}
+    train = {r["message"] for r in common.read_jsonl(tmp_path / "train.jsonl")}
+    train_all = {r["message"] for r in common.read_jsonl(tmp_path / "train_all.jsonl")}
+    assert train <= train_all
+
+
+def test_supplement_goes_to_train_all_only(tmp_path):
+    prep.prepare("shipped", tmp_path / "a", supplement=None)
+    test_msg = common.read_jsonl(tmp_path / "a" / "test.jsonl")[0]["message"]
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"text": "Your Evri parcel fee is due: evri-fee.top",
+                                 "label": "spam"}) + "\n"
+                     + json.dumps({"text": test_msg.upper(), "label": "ham"}) + "\n")
+    m = prep.prepare("shipped", tmp_path / "b", supplement=extra)
+    assert m["supplement"]["messages"] == 1  # the copy of a test message is dropped
+    rows = common.read_jsonl(tmp_path / "b" / "train_all.jsonl")
+    assert sum(r["message"].startswith("Your Evri parcel") for r in rows) == 1
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == \
+            (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+
+
+def test_shipped_supplement_never_repeats_an_evaluation_message():
+    """modern_sms.jsonl (training) and stress_suite.jsonl / the fixed messages (evaluation)
+    are written apart: no message of one is in the other."""
+    supplement = {prep.dedupe_key(r["text"]) for r in common.read_jsonl(common.SUPPLEMENT)}
+    for path in (common.STRESS_SUITE, common.FIXED_MESSAGES):
+        evaluation = {prep.dedupe_key(r["text"]) for r in common.read_jsonl(path)}
+        assert not supplement & evaluation
 
 
 @pytest.mark.parametrize("suffix,content", [

@@ -56,8 +56,8 @@ def test_training_before_data_is_prepared_names_the_step(tmp_path, tiny_model):
     r = run_script("03_train.py", "--model", tiny_model, "--data", tmp_path / "nothing",
                    "--adapter-path", tmp_path / "ad")
     assert r.returncode == 2 and "02_prepare_data.py" in r.stderr
-    r = run_script("03_train.py", "--model", tmp_path / "no-model", "--adapter-path",
-                   tmp_path / "ad")
+    r = run_script("03_train.py", "--model", tmp_path / "no-model", "--data", tmp_path / "nothing",
+                   "--adapter-path", tmp_path / "ad")
     assert r.returncode == 2 and "01_download_model.py" in r.stderr
 
 
@@ -130,3 +130,12 @@ def test_same_seed_same_adapter(tmp_path, tiny_model, data_dir):
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         assert mx.array_equal(outs[0][k], outs[1][k]), k
+
+
+def test_balanced_batches_are_half_each_class_and_deterministic():
+    by_class = [[0, 1, 2], list(range(3, 20))]
+    batches = [train.balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
+    assert all(sum(i < 3 for i in b) == 2 for b in batches)
+    assert batches == [train.balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
+    seen_spam = [i for b in batches[:3] for i in b if i < 3]
+    assert sorted(seen_spam[:3]) == [0, 1, 2]  # a class is cycled in full before repeating

@@ -1,0 +1,166 @@
+"""Steps 3-7 end to end on a tiny random model, in a temp folder, as the scripts are run."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import common
+from conftest import load_script, run_script
+
+fuse_script = load_script("06_fuse")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, data_dir):
+    """Adapters trained for a few steps, then given large random B matrices so that the
+    adapter visibly changes the logits (a zero-initialised B would make parity checks vacuous)."""
+    ad = tmp_path_factory.mktemp("run") / "adapters"
+    r = run_script("03_train.py", "--model", tiny_model, "--data", data_dir, "--adapter-path", ad,
+                   "--reports", ad.parent / "reports", "--iters", "8", "--num-layers", "2")
+    assert r.returncode == 0, r.stderr
+    weights = mx.load(str(ad / "adapters.safetensors"))
+    mx.random.seed(3)
+    weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
+               for k, v in weights.items()}
+    mx.save_safetensors(str(ad / "adapters.safetensors"), weights)
+    return ad
+
+
+def test_fused_model_matches_base_plus_adapter(tmp_path, tiny_model, trained, data_dir):
+    fused = tmp_path / "fused"
+    r = run_script("06_fuse.py", "--model", tiny_model, "--adapter-path", trained,
+                   "--save-path", fused, "--data", data_dir, "--out", tmp_path / "reports")
+    assert r.returncode == 0, r.stderr
+    assert "| fused   |" in r.stdout
+    check = json.loads((tmp_path / "reports" / "fuse_check.json").read_text())
+    assert check["passed"] and check["verdicts_differ"] == 0 and check["messages"] == 1031
+    assert (fused / "threshold.json").read_text() == (trained / "threshold.json").read_text()
+    assert "quantization" not in json.loads((fused / "config.json").read_text())
+
+    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:40]]
+    base = common.score_logits(*common.load_model(tiny_model), messages)
+    with_adapter = common.score_logits(*common.load_model(tiny_model, trained), messages)
+    fused_logits = common.score_logits(*common.load_model(fused), messages)
+    assert np.abs(with_adapter - base).max() > 0.1  # the adapter matters...
+    np.testing.assert_allclose(fused_logits, with_adapter, atol=5e-3)  # ...and fusing keeps it
+
+
+def test_fuse_crash_leaves_the_previous_model(tmp_path, tiny_model, trained, data_dir, monkeypatch):
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "marker").write_text("previous good model")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut in the middle of saving")
+
+    monkeypatch.setattr(fuse_script, "save", crash)
+    with pytest.raises(RuntimeError):
+        fuse_script.main(["--model", str(tiny_model), "--adapter-path", str(trained),
+                          "--save-path", str(fused), "--data", str(data_dir),
+                          "--out", str(tmp_path / "reports")])
+    assert sorted(p.name for p in fused.iterdir()) == ["marker"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    fuse_script.main(["--model", str(tiny_model), "--adapter-path", str(trained),
+                      "--save-path", str(fused), "--data", str(data_dir),
+                      "--out", str(tmp_path / "reports")])
+    assert (fused / "config.json").is_file() and not (fused / "marker").exists()
+
+
+def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir):
+    rep = tmp_path / "reports"
+    for args in (["--name", "baseline"], ["--adapter-path", trained, "--name", "retrained"]):
+        r = run_script("04_evaluate.py", "--model", tiny_model, "--data", data_dir, "--out", rep,
+                       *args)
+        assert r.returncode == 0, r.stderr
+    ev = json.loads((rep / "eval_retrained.json").read_text())
+    t = ev["test"]
+    assert t["messages"] == 1031
+    c = t["confusion"]
+    assert c["tp"] + c["fn"] == 128 and c["fp"] + c["tn"] == 903
+    assert t["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / 1031)
+    assert t["threshold"] == json.loads((trained / "threshold.json").read_text())["threshold"]
+    assert ev["fixed_messages"]["tokens"] > 10 * 20
+    assert len(common.read_jsonl(rep / "scores_retrained.jsonl")) == 1031
+
+    r = run_script("05_stress_test.py", "--model", tiny_model, "--adapter-path", trained,
+                   "--name", "fused", "--out", rep)
+    assert r.returncode == 0, r.stderr
+    stress = json.loads((rep / "stress_fused.json").read_text())
+    assert stress["messages"] == 80
+    boss = [x for x in stress["results"] if x["category"] == "final-boss"]
+    assert len(boss) == 5 and all(x["verdict"] in ("spam", "ham") for x in boss)
+    assert f"{stress['messages'] - stress['misses']}/80 correct" in r.stdout
+
+    r = run_script("report.py", "--reports", rep)
+    assert r.returncode == 0, r.stderr
+    md = (rep / "report.md").read_text()
+    assert "| baseline |" in md and "| retrained |" in md and "boss-5" in md
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "WIN a free prize, call now"}\n{"text": "see you at 6"}\n'
+                   '{"text": "🎉🎉"}\n{"text": "' + "very long message " * 2000 + '"}\n')
+    out = tmp_path / "out.jsonl"
+    r = run_script("07_chat.py", "--model", tiny_model, "--adapter-path", trained,
+                   "--input", src, "--output", out)
+    assert r.returncode == 0, r.stderr
+    rows = common.read_jsonl(out)
+    assert [x["text"][:12] for x in rows] == ["WIN a free p", "see you at 6", "🎉🎉", "very long me"]
+    assert all(x["label"] in ("spam", "ham") and 0 <= x["p_spam"] <= 1 for x in rows)
+
+    r = run_script("07_chat.py", "--model", tiny_model, input="WIN a prize\nhello\n\n")
+    assert r.returncode == 0 and r.stdout.count("P(spam)=") == 2
+
+
+def test_long_message_is_truncated_never_the_prompt(tiny_model):
+    _, tok = common.load_model(tiny_model)
+    ids = common.encode_prompt(tok, "spam spam lovely spam " * 500, max_tokens=100)
+    assert len(ids) <= 100
+    assert tok.decode(ids).endswith("\nClassification:")
+    assert tok.decode(ids).startswith("Classify the following SMS message as spam or not spam.")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["04_evaluate.py", "--model", "{tmp}/missing"], "01_download_model.py"),
+    (["04_evaluate.py", "--model", "{tiny}", "--adapter-path", "{tmp}/none"], "03_train.py"),
+    (["04_evaluate.py", "--model", "{tiny}", "--data", "{tmp}"], "02_prepare_data.py"),
+    (["06_fuse.py", "--model", "{tiny}", "--adapter-path", "{tmp}/none", "--save-path",
+      "{tmp}/fused"], "03_train.py"),
+    (["05_stress_test.py", "--model", "{tmp}/missing"], "01_download_model.py"),
+    (["07_chat.py", "--model", "{tiny}", "--input", "{tmp}/none.jsonl", "--output", "{tmp}/o"],
+     "not found"),
+    (["07_chat.py", "--model", "{tiny}", "--input", "{tmp}/bad.jsonl", "--output", "{tmp}/o"],
+     "line 2"),
+    (["07_chat.py", "--model", "{tiny}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/o"],
+     "UTF-8"),
+    (["07_chat.py", "--model", "{tiny}", "--input", "{tmp}/empty.csv", "--output", "{tmp}/o"],
+     "line 3: empty message"),
+    (["07_chat.py", "--model", "{tmp}/garbage"], "cannot load"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, tiny_model, args, needle):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "empty.csv").write_text("text\nhello\n   \n")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "garbage" / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = [a.format(tmp=tmp_path, tiny=tiny_model) for a in args]
+    r = run_script(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert needle in r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "fused").exists()
+
+
+def test_shared_prefix_cache_gives_the_same_scores(tiny_model, data_dir, monkeypatch):
+    model, tok = common.load_model(tiny_model)
+    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:50]]
+    assert all(common.encode_prompt(tok, m)[:14] == common.prompt_prefix_ids(tok) for m in messages)
+    cached = common.score_logits(model, tok, messages, batch_size=16)
+    monkeypatch.setattr(common, "prompt_prefix_ids", lambda tok: [-1])  # no shared prefix
+    full = common.score_logits(model, tok, messages, batch_size=16)
+    np.testing.assert_allclose(cached, full, atol=1e-4)
+    single = common.score_logits(model, tok, messages[:5], batch_size=1)
+    np.testing.assert_allclose(single, full[:5], atol=1e-4)  # padding never leaks into a score
