@@ -54,6 +54,7 @@ pipeline() {
   step eval-base  scripts/04_evaluate.py --model models/baseline --name baseline
   step stress-base scripts/05_stress_test.py --model models/baseline --name baseline
   step train      scripts/03_train.py --config "$config"
+  step baselines  scripts/04_evaluate.py --tfidf
   step eval-lora  scripts/04_evaluate.py --model models/baseline --adapter-path models/retrained/adapters --name retrained
   step fuse       scripts/06_fuse.py
   step stress-fused scripts/05_stress_test.py --model models/retrained/fused --name fused

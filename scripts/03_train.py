@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -392,30 +393,35 @@ def main(argv=None):
           f"{cfg.iters} iterations of {cfg.batch_size}, lr {cfg.learning_rate:g}, loss {cfg.loss}")
 
     out = Path(cfg.adapter_path)
-    with common.atomic_dir(out) as run_dir:
-        tic = time.perf_counter()
-        history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir)
-        history["train_seconds"] = time.perf_counter() - tic
-        shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
-                             else "final_adapters.safetensors")
-        model.load_weights(str(shipped), strict=False)
-        mx.save_safetensors(str(run_dir / "adapters.safetensors"), mx.load(str(shipped)))
-        common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
+    # Work in a hidden folder beside the output that survives a crash (its checkpoints and
+    # best-validation copy stay inspectable) and replaces the output only when the run is done.
+    run_dir = out.parent / f".{out.name}.partial"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    tic = time.perf_counter()
+    history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir)
+    history["train_seconds"] = time.perf_counter() - tic
+    shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
+                         else "final_adapters.safetensors")
+    model.load_weights(str(shipped), strict=False)
+    mx.save_safetensors(str(run_dir / "adapters.safetensors"), mx.load(str(shipped)))
+    common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
 
-        model.eval()
-        is_spam = np.array([r["label"] == "spam" for r in valid_rows])
-        probs = common.p_spam(model, tokenizer, [r["message"] for r in valid_rows])
-        ham_weight = 4517 / 642  # natural ham:spam ratio of the distinct collection
-        chosen = choose_threshold(probs, is_spam, ham_weight)
-        common.atomic_write_json(run_dir / common.THRESHOLD_FILE, {
-            **chosen, "chosen_on": "valid.jsonl", "ham_weight": ham_weight, "shipped": cfg.ship})
-        majority = max(np.mean(probs > chosen["threshold"]), np.mean(probs <= chosen["threshold"]))
-        if majority > 0.95:
-            history["diagnosis"].append("majority-class collapse")
-            print(f"WARNING: the model gives one class to {majority:.0%} of validation messages "
-                  "(majority-class collapse): train longer or with a higher learning rate")
-        history["threshold"] = chosen
-        common.atomic_write_json(run_dir / "history.json", history)
+    model.eval()
+    is_spam = np.array([r["label"] == "spam" for r in valid_rows])
+    probs = common.p_spam(model, tokenizer, [r["message"] for r in valid_rows])
+    ham_weight = 4517 / 642  # natural ham:spam ratio of the distinct collection
+    chosen = choose_threshold(probs, is_spam, ham_weight)
+    common.atomic_write_json(run_dir / common.THRESHOLD_FILE, {
+        **chosen, "chosen_on": "valid.jsonl", "ham_weight": ham_weight, "shipped": cfg.ship})
+    majority = max(np.mean(probs > chosen["threshold"]), np.mean(probs <= chosen["threshold"]))
+    if majority > 0.95:
+        history["diagnosis"].append("majority-class collapse")
+        print(f"WARNING: the model gives one class to {majority:.0%} of validation messages "
+              "(majority-class collapse): train longer or with a higher learning rate")
+    history["threshold"] = chosen
+    common.atomic_write_json(run_dir / "history.json", history)
+    common.replace_dir(run_dir, out)
 
     common.atomic_write_json(reports / "train_history.json", history)
     plot_history(history, reports / "loss_curve.png")

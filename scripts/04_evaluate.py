@@ -10,6 +10,7 @@ forward pass per message and the threshold chosen on validation.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -88,6 +89,45 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
     return result
 
 
+def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict]:
+    """The classic filters, trained on exactly the LoRA model's training rows: TF-IDF over word
+    1-2-grams and character 2-5-grams, with logistic regression and with a linear SVM."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+
+    train = common.read_jsonl(common.require(data_dir / train_file, train_file,
+                                             "scripts/02_prepare_data.py"))
+    test = common.read_jsonl(common.require(data_dir / "test.jsonl", "test.jsonl",
+                                            "scripts/02_prepare_data.py"))
+    stress = common.read_jsonl(common.STRESS_SUITE)
+    y = np.array([r["label"] == "spam" for r in train])
+    is_spam = np.array([r["label"] == "spam" for r in test])
+    results = []
+    for name, clf in (("tfidf-logreg", LogisticRegression(C=10, max_iter=2000,
+                                                         class_weight="balanced")),
+                      ("tfidf-svm", LinearSVC(C=1.0, class_weight="balanced"))):
+        features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                              TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5),
+                                              sublinear_tf=True))
+        model = make_pipeline(features, clf).fit([r["message"] for r in train], y)
+        if hasattr(model, "predict_proba"):
+            score, threshold = model.predict_proba([r["message"] for r in test])[:, 1], 0.5
+            stress_pred = model.predict_proba([r["text"] for r in stress])[:, 1] > 0.5
+        else:  # the SVM's margin: spam above 0
+            score, threshold = model.decision_function([r["message"] for r in test]), 0.0
+            stress_pred = model.decision_function([r["text"] for r in stress]) > 0.0
+        stress_misses = int(np.sum(stress_pred != np.array([r["label"] == "spam" for r in stress])))
+        result = {"name": name, "model": f"scikit-learn {type(clf).__name__}",
+                  "train_file": train_file, "fixed_messages": None,
+                  "test": classifier_metrics(is_spam, np.asarray(score), threshold),
+                  "stress_misses": stress_misses, "stress_messages": len(stress)}
+        common.atomic_write_json(out_dir / f"eval_{name}.json", result)
+        results.append(result)
+    return results
+
+
 @common.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,9 +139,22 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="report name (default: baseline or retrained)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR, help="reports folder")
+    p.add_argument("--tfidf", action="store_true",
+                   help="evaluate the TF-IDF baselines on the training rows of --adapter-path "
+                        "(default models/retrained/adapters) instead of a model")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    if args.tfidf:
+        adapters = args.adapter_path or common.ADAPTERS_DIR
+        cfg = common.require(adapters / "adapter_config.json", "the adapters", "scripts/03_train.py")
+        train_file = json.loads(cfg.read_text()).get("train_file", "train.jsonl")
+        for r in tfidf_baselines(args.data, train_file, args.out):
+            t = r["test"]
+            print(f"[{r['name']}] trained on {train_file}: accuracy {t['accuracy']:.2%}, "
+                  f"F1 {t['f1']:.3f}, ROC-AUC {t['roc_auc']:.4f}, ham FPR "
+                  f"{t['ham_false_positive_rate']:.2%}, stress misses {r['stress_misses']}")
+        return
     name = args.name or ("retrained" if args.adapter_path or args.model != common.BASELINE_DIR
                          else "baseline")
     r = evaluate(args.model, args.adapter_path, args.data, name, args.out, args.batch_size)

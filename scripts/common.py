@@ -121,6 +121,20 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put folder src in place of dst with renames only: at any moment dst is the old folder,
+    nothing, or the new one, never a mix."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path):
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` whole.
@@ -132,14 +146,7 @@ def atomic_dir(path: Path):
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private
         yield tmp
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -153,6 +160,16 @@ import mlx.nn as nn  # noqa: E402
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
+
+
+def upcast_half(model):
+    """float16 parameters (4-bit scales and biases included) to float32, so that de-quantizing
+    gives the exact weights instead of weights rounded to float16."""
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.float16 else v,
+                          model.parameters()))
+    return model
 
 
 def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bool | None = None):
@@ -175,7 +192,7 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise UserError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0][:200]}")
     if dequantize if dequantize is not None else on_cpu():
-        model = dequantize_model(model)
+        model = dequantize_model(upcast_half(model))
         model.set_dtype(mx.float32)
     if adapter_path is not None:
         adapter_path = Path(adapter_path)

@@ -38,6 +38,8 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
     after = load(reports, "eval_retrained.json", "scripts/04_evaluate.py --name retrained")
     history = load(reports, "train_history.json", "scripts/03_train.py", required=False)
     fuse = load(reports, "fuse_check.json", "scripts/06_fuse.py", required=False)
+    baselines = [b for b in (load(reports, f"eval_{n}.json", "04_evaluate.py --tfidf", required=False)
+                             for n in ("tfidf-logreg", "tfidf-svm")) if b]
     stress = {n: load(reports, f"stress_{n}.json", "scripts/05_stress_test.py", required=False)
               for n in ("baseline", "fused")}
     steps = []
@@ -55,12 +57,17 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
            "at the natural ratio)", "",
            "| model | threshold | accuracy | precision | recall | spam F1 | ROC-AUC | ham FPR | "
            "ham flagged | spam missed |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in (before, after):
+    for r in (before, *baselines, after):
         t = r["test"]
         md.append(f"| {r['name']} | {t['threshold']:.3f} | {pct(t['accuracy'])} | "
                   f"{num(t['precision'])} | {num(t['recall'])} | {num(t['f1'])} | "
                   f"{num(t['roc_auc'], '.4f')} | {pct(t['ham_false_positive_rate'])} | "
                   f"{t['wrong']['ham_flagged']} | {t['wrong']['spam_missed']} |")
+    if baselines:
+        md += ["", "TF-IDF baselines: trained on the same rows as the LoRA model "
+               f"(`{baselines[0]['train_file']}`); stress-suite misses: " + ", ".join(
+                   f"{b['name']} {b['stress_misses']}/{b['stress_messages']}" for b in baselines)
+               + "."]
     c = after["test"]["confusion"]
     md += ["", "Confusion matrix of the retrained model (rows: truth, columns: verdict):", "",
            "| | spam | ham |", "|---|---|---|", f"| spam | {c['tp']} | {c['fn']} |",
@@ -91,7 +98,7 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
         md += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
         md += [f"| {n} | {s} |" for n, s in steps]
         md.append(f"| total | {sum(float(s) for _, s in steps):.1f} |")
-    data = {"baseline": before, "retrained": after, "stress": {
+    data = {"baseline": before, "retrained": after, "tfidf": baselines, "stress": {
         n: (None if s is None else {k: v for k, v in s.items() if k != "results"})
         for n, s in stress.items()}, "fuse_check": fuse, "timings": dict(steps)}
     return "\n".join(md) + "\n", data

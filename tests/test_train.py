@@ -139,3 +139,18 @@ def test_balanced_batches_are_half_each_class_and_deterministic():
     assert batches == [train.balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
     seen_spam = [i for b in batches[:3] for i in b if i < 3]
     assert sorted(seen_spam[:3]) == [0, 1, 2]  # a class is cycled in full before repeating
+
+
+def test_loss_explosion_stops_with_a_diagnosis_and_a_loadable_last_good_adapter(
+        tmp_path, tiny_model, data_dir):
+    ad = tmp_path / "adapters"
+    r = run_script("03_train.py", "--config", "seed", "--model", tiny_model, "--data", data_dir,
+                   "--adapter-path", ad, "--reports", tmp_path / "rep", "--iters", "40",
+                   "--num-layers", "2", "--learning-rate", "1e9")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "loss exploded" in r.stderr and "halving the learning rate" in r.stderr
+    assert not ad.exists()  # nothing shipped
+    good = tmp_path / ".adapters.partial" / "best_adapters.safetensors"
+    assert str(good) in r.stderr
+    weights = mx.load(str(good))
+    assert weights and all(bool(mx.isfinite(v).all()) for v in weights.values())

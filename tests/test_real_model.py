@@ -1,0 +1,35 @@
+"""The real 135M model on this CPU: a few training steps, then scoring through the adapter."""
+
+import json
+
+import numpy as np
+import pytest
+
+import common
+from conftest import load_script, run_script
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "baseline"
+    step1 = load_script("01_download_model")
+    step1.convert_gguf(step1.packaged_gguf(), out)
+    return out
+
+
+def test_a_few_real_training_steps(tmp_path, baseline, data_dir):
+    ad = tmp_path / "adapters"
+    r = run_script("03_train.py", "--config", "seed", "--model", baseline, "--data", data_dir,
+                   "--adapter-path", ad, "--reports", tmp_path / "reports", "--iters", "4",
+                   "--steps-per-eval", "2", "--steps-per-report", "2", "--val-batches", "2")
+    assert r.returncode == 0, r.stderr
+    assert "Trainable parameters: 0.968% (1.303M/134.515M)" in r.stdout
+    history = json.loads((ad / "history.json").read_text())
+    losses = [e["train_loss"] for e in history["train"]] + [e["val_loss"] for e in history["val"]]
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    # base + the 4-step adapter loads and scores through the prefix-cached path
+    model, tok = common.load_model(baseline, ad)
+    p = common.p_spam(model, tok, ["Ok lar, see you at 6", "WINNER! Claim your £900 prize, call 09061701461"])
+    assert p.shape == (2,) and np.all((p >= 0) & (p <= 1))
