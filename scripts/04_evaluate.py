@@ -131,10 +131,7 @@ def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict
 @common.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=common.BASELINE_DIR,
-                   help="model folder: the base model, or a fused model")
-    p.add_argument("--adapter-path", type=Path, default=None,
-                   help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
+    common.add_model_args(p, common.BASELINE_DIR, "the base model")
     p.add_argument("--data", type=Path, default=common.DATA_DIR, help="folder with test.jsonl")
     p.add_argument("--name", default=None, help="report name (default: baseline or retrained)")
     p.add_argument("--batch-size", type=int, default=32)

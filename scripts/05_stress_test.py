@@ -46,9 +46,7 @@ def stress_test(model_dir: Path, adapter_path: Path | None, suite: list[dict]) -
 @common.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=common.FUSED_DIR,
-                   help="model folder (default: the fused model)")
-    p.add_argument("--adapter-path", type=Path, default=None, help="LoRA adapters on --model")
+    common.add_model_args(p, common.FUSED_DIR)
     p.add_argument("--suite", type=Path, default=common.STRESS_SUITE)
     p.add_argument("--name", default=None, help="report name (default: the model folder's name)")
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR)

