@@ -274,6 +274,14 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
                 history["best"] = {"iteration": it, "val_loss": val}
             else:
                 evals_since_best += 1
+            vals = [v["val_loss"] for v in history["val"]]
+            if (len(vals) >= 4 and vals[-1] > vals[-2] > vals[-3] > vals[-4]
+                    and "overfitting" not in history["diagnosis"]):
+                history["diagnosis"].append("overfitting")
+                log(f"WARNING: validation loss rose for 3 evaluations in a row ({vals[-4]:.3f} -> "
+                    f"{vals[-1]:.3f}): overfitting. The best-validation adapter (iteration "
+                    f"{history['best']['iteration']}) is best_adapters.safetensors; ship: best "
+                    "uses it, early_stopping: N stops the run")
             if cfg.early_stopping and evals_since_best >= cfg.early_stopping:
                 log(f"Early stop at iteration {it}: validation loss has not improved for "
                     f"{evals_since_best} evaluations (best {best:.3f})")

@@ -86,9 +86,15 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
         best = history.get("best", {})
         md.append(f"{history['iterations_run']} iterations in {history['train_seconds']:.0f} s; "
                   f"best validation loss {best.get('val_loss', float('nan')):.3f} at iteration "
-                  f"{best.get('iteration')}. Diagnosis: "
-                  f"{', '.join(history['diagnosis']) or 'none of NaN, overfitting or collapse'}.")
-        md += ["", "![loss curve](loss_curve.png)"]
+                  f"{best.get('iteration')}.")
+        md += ["", "![loss curve](loss_curve.png)", "", "## Diagnosis", ""]
+        found = set(history["diagnosis"])
+        for key, what in (("loss explosion", "loss explosion (NaN/Inf)"),
+                          ("overfitting", "overfitting (validation loss rising)"),
+                          ("majority-class collapse", "majority-class collapse")):
+            md.append(f"- 🔴 **{what}: yes**" if key in found else f"- ✅ {what}: no")
+        if "early-stopped" in found:
+            md.append("- early stopping ended the run")
     if fuse:
         md += ["", "## Fuse check", "",
                f"Adapter mode vs fused mode on {fuse['messages']} test messages: max |Δlogit| "

@@ -164,3 +164,18 @@ def test_loss_explosion_stops_with_a_diagnosis_and_a_loadable_last_good_adapter(
     assert str(good) in err
     weights = mx.load(str(good))
     assert weights and all(bool(mx.isfinite(v).all()) for v in weights.values())
+
+
+def test_overfitting_is_reported_and_early_stopping_stops(tmp_path, tiny_model, data_dir,
+                                                          monkeypatch, capsys):
+    rising = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
+    monkeypatch.setattr(train, "evaluate_loss", lambda *a: next(rising))
+    train.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
+                "--adapter-path", str(tmp_path / "ad"), "--reports", str(tmp_path / "rep"),
+                "--iters", "30", "--num-layers", "2", "--steps-per-eval", "5",
+                "--early-stopping", "3", "--ship", "best"])
+    out = capsys.readouterr().out
+    assert "overfitting" in out and "Early stop at iteration 20" in out
+    history = json.loads((tmp_path / "ad" / "history.json").read_text())
+    assert history["diagnosis"][:2] == ["overfitting", "early-stopped"]  # (+ collapse: tiny model)
+    assert history["best"]["iteration"] == 5 and history["iterations_run"] == 20
