@@ -171,12 +171,15 @@ def read_supplement(path: Path, known: set[str]) -> list[dict]:
     """Extra training messages (data/modern_sms.jsonl): only ever added to train_all, and
     dropped where they repeat a message of the collection."""
     rows = clean(read_rows(path))
-    return [r for r in rows if dedupe_key(r["message"]) not in known]
+    return [{**r, "source": path.stem} for r in rows if dedupe_key(r["message"]) not in known]
 
 
 def to_line(m: dict) -> dict:
-    return {"text": common.format_example(m["message"], m["label"]), "label": m["label"],
+    line = {"text": common.format_example(m["message"], m["label"]), "label": m["label"],
             "message": m["message"]}
+    if "source" in m:
+        line["source"] = m["source"]
+    return line
 
 
 def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,

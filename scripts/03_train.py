@@ -41,7 +41,8 @@ class TrainConfig:
     train_file: str = field(default="train.jsonl", metadata={
         "help": "training split in --data: train.jsonl (the tutorial's 800) or train_all.jsonl"})
     balance: bool = field(default=False, metadata={
-        "help": "draw every batch half spam, half ham (for an unbalanced train_file)"})
+        "help": "draw every batch evenly from each (source, label) group of train_file: spam and "
+                "ham, of the collection and of the modern supplement"})
     adapter_path: str = field(default=str(common.ADAPTERS_DIR), metadata={"help": "output folder"})
     seed: int = field(default=42, metadata={"help": "seeds init, dropout and batch order"})
     num_layers: int = field(default=16, metadata={"help": "LoRA on the last N blocks"})
@@ -151,8 +152,8 @@ def batch_at(step: int, batches: list, seed: int) -> list[int]:
 
 
 def balanced_batch_at(step: int, by_class: list[list[int]], batch_size: int, seed: int) -> list[int]:
-    """Half of each batch from each class, each class cycled in its own seeded order; like
-    batch_at, a pure function of (step, seed)."""
+    """An equal share of each batch from each group, each group cycled in its own seeded order;
+    like batch_at, a pure function of (step, seed)."""
     out = []
     for c, members in enumerate(by_class):
         k = batch_size // len(by_class) + (c < batch_size % len(by_class))
@@ -227,8 +228,10 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     batches = make_batches(train_ex, cfg.batch_size)
     if not batches:
         raise UserError(f"need at least batch_size={cfg.batch_size} training messages")
-    by_class = [[i for i, r in enumerate(train_rows) if r["label"] == lab] for lab in ("spam", "ham")]
-    if cfg.balance and not all(by_class):
+    groups = sorted({(r.get("source", "collection"), r["label"]) for r in train_rows})
+    by_class = [[i for i, r in enumerate(train_rows)
+                 if (r.get("source", "collection"), r["label"]) == g] for g in groups]
+    if cfg.balance and len({g[1] for g in groups}) < 2:
         raise UserError("balance needs both spam and ham in the training split")
 
     def batch_of(step):
