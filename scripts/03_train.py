@@ -40,9 +40,9 @@ class TrainConfig:
     data: str = field(default=str(common.DATA_DIR), metadata={"help": "folder with the splits"})
     train_file: str = field(default="train.jsonl", metadata={
         "help": "training split in --data: train.jsonl (the tutorial's 800) or train_all.jsonl"})
-    balance: bool = field(default=False, metadata={
-        "help": "draw every batch evenly from each (source, label) group of train_file: spam and "
-                "ham, of the collection and of the modern supplement"})
+    balance: str = field(default="none", metadata={
+        "help": "none (length-bucketed batches) | label (half spam, half ham) | group (evenly "
+                "from each source x label: collection/modern supplement x spam/ham)"})
     adapter_path: str = field(default=str(common.ADAPTERS_DIR), metadata={"help": "output folder"})
     seed: int = field(default=42, metadata={"help": "seeds init, dropout and batch order"})
     num_layers: int = field(default=16, metadata={"help": "LoRA on the last N blocks"})
@@ -77,6 +77,7 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
             (self.loss in ("all", "completion"), "loss must be 'all' or 'completion'"),
             (self.ship in ("final", "best"), "ship must be 'final' or 'best'"),
+            (self.balance in ("none", "label", "group"), "balance must be none, label or group"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.warmup >= 0 and self.early_stopping >= 0, "warmup/early_stopping must be >= 0"),
         ]
@@ -228,14 +229,16 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     batches = make_batches(train_ex, cfg.batch_size)
     if not batches:
         raise UserError(f"need at least batch_size={cfg.batch_size} training messages")
-    groups = sorted({(r.get("source", "collection"), r["label"]) for r in train_rows})
-    by_class = [[i for i, r in enumerate(train_rows)
-                 if (r.get("source", "collection"), r["label"]) == g] for g in groups]
-    if cfg.balance and len({g[1] for g in groups}) < 2:
+    def group(r):
+        return (r.get("source", "collection"), r["label"]) if cfg.balance == "group" else r["label"]
+
+    groups = sorted({group(r) for r in train_rows})
+    by_class = [[i for i, r in enumerate(train_rows) if group(r) == g] for g in groups]
+    if cfg.balance != "none" and len({r["label"] for r in train_rows}) < 2:
         raise UserError("balance needs both spam and ham in the training split")
 
     def batch_of(step):
-        if cfg.balance:
+        if cfg.balance != "none":
             return balanced_batch_at(step, by_class, cfg.batch_size, cfg.seed)
         return batch_at(step, batches, cfg.seed)
     if len(valid_ex) < cfg.batch_size:
