@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "baseline"
     step1 = load_script("01_download_model")
+    out.mkdir()
     step1.convert_gguf(step1.packaged_gguf(), out)
     return out
 
