@@ -392,7 +392,7 @@ def main(argv=None):
     reports = args.pop("reports")
     cfg = load_config(args.pop("config") or "default", args)
 
-    common.require(Path(cfg.model) / "config.json", "the base model", "scripts/01_download_model.py")
+    common.require_model(Path(cfg.model))
     data = Path(cfg.data)
     for split in (cfg.train_file, "valid.jsonl"):
         common.require(data / split, split, "scripts/02_prepare_data.py")

@@ -66,6 +66,7 @@ def classifier_metrics(is_spam: np.ndarray, p_spam: np.ndarray, threshold: float
 
 def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: str,
              out_dir: Path, batch_size: int = 32) -> dict:
+    common.require_model(model_dir, adapter_path)
     test_path = common.require(data_dir / "test.jsonl", "test.jsonl", "scripts/02_prepare_data.py")
     fixed = [{"message": r["text"], "label": r["label"]} for r in common.read_jsonl(
         common.require(common.FIXED_MESSAGES, "the fixed test messages", "git checkout data/"))]

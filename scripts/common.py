@@ -89,6 +89,15 @@ def add_model_args(parser, default_model: Path, what: str = "the fused model") -
                         help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
 
 
+def require_model(model_dir: Path, adapter_path: Path | None = None) -> None:
+    """Name the earliest missing step before any slow work (steps 1 and 3 come before the data)."""
+    require(Path(model_dir) / "config.json", "the model's config.json",
+            "scripts/01_download_model.py")
+    if adapter_path is not None:
+        require(Path(adapter_path) / "adapter_config.json", "adapter_config.json",
+                "scripts/03_train.py")
+
+
 def require(path: Path, what: str, step: str) -> Path:
     if not Path(path).exists():
         raise UserError(f"{what} not found at {path}: run {step} first")
