@@ -164,3 +164,21 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny_model, data_dir, monkeyp
     np.testing.assert_allclose(cached, full, atol=1e-4)
     single = common.score_logits(model, tok, messages[:5], batch_size=1)
     np.testing.assert_allclose(single, full[:5], atol=1e-4)  # padding never leaks into a score
+
+
+def test_bulk_scoring_resumes_an_interrupted_output(tmp_path, tiny_model):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"message number {i}\n" for i in range(7)))
+    out = tmp_path / "out.jsonl"
+    # what an interrupted run leaves: two complete lines (sentinel scores) and a cut-off third
+    (tmp_path / "out.jsonl.partial").write_text(
+        '{"text": "message number 0", "label": "ham", "p_spam": 0.123456}\n'
+        '{"text": "message number 1", "label": "ham", "p_spam": 0.123456}\n{"text": "mess')
+    r = run_script("07_chat.py", "--model", tiny_model, "--input", src, "--output", out)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "7/7" in r.stderr
+    rows = common.read_jsonl(out)
+    assert [x["text"] for x in rows] == [f"message number {i}" for i in range(7)]
+    assert [x["p_spam"] for x in rows[:2]] == [0.123456, 0.123456]  # kept, not re-scored
+    assert rows[2]["p_spam"] != 0.123456
+    assert not (tmp_path / "out.jsonl.partial").exists()
