@@ -33,6 +33,44 @@ def num(x, fmt=".3f"):
     return "n/a" if x is None else format(x, fmt)
 
 
+def plot_scores(reports: Path, name: str, threshold: float) -> list[str]:
+    """ROC curve, confusion matrix and P(spam) histograms from reports/scores_<name>.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    rows = common.read_jsonl(reports / f"scores_{name}.jsonl")
+    y = np.array([r["label"] == "spam" for r in rows])
+    p = np.array([r["p_spam"] for r in rows])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fpr, tpr, _ = roc_curve(y, p)
+    axes[0].plot(fpr, tpr)
+    axes[0].set(xlabel="ham false-positive rate", ylabel="spam recall", title="ROC", xscale="log")
+    pred = p > threshold
+    cm = np.array([[np.sum(y & pred), np.sum(y & ~pred)], [np.sum(~y & pred), np.sum(~y & ~pred)]])
+    axes[1].imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        axes[1].text(j, i, str(v), ha="center", va="center", fontsize=14)
+    axes[1].set(xticks=[0, 1], xticklabels=["spam", "ham"], yticks=[0, 1],
+                yticklabels=["spam", "ham"], xlabel="verdict", ylabel="truth", title="confusion")
+    bins = np.linspace(0, 1, 41)
+    axes[2].hist(p[~y], bins=bins, alpha=0.6, label="ham", log=True)
+    axes[2].hist(p[y], bins=bins, alpha=0.6, label="spam", log=True)
+    axes[2].axvline(threshold, color="k", ls="--", label="threshold")
+    axes[2].set(xlabel="P(spam)", title="P(spam) by true label")
+    axes[2].legend()
+    fig.tight_layout()
+    out = reports / f"scores_{name}.png"
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return [out.name]
+
+
 def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
     before = load(reports, "eval_baseline.json", "scripts/04_evaluate.py --name baseline")
     after = load(reports, "eval_retrained.json", "scripts/04_evaluate.py --name retrained")
@@ -68,6 +106,9 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
                f"(`{baselines[0]['train_file']}`); stress-suite misses: " + ", ".join(
                    f"{b['name']} {b['stress_misses']}/{b['stress_messages']}" for b in baselines)
                + "."]
+    if (reports / f"scores_{after['name']}.jsonl").is_file():
+        for png in plot_scores(reports, after["name"], after["test"]["threshold"]):
+            md += ["", f"![ROC, confusion matrix and P(spam) histogram]({png})"]
     c = after["test"]["confusion"]
     md += ["", "Confusion matrix of the retrained model (rows: truth, columns: verdict):", "",
            "| | spam | ham |", "|---|---|---|", f"| spam | {c['tp']} | {c['fn']} |",

@@ -98,6 +98,7 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     assert r.returncode == 0, r.stderr
     md = (rep / "report.md").read_text()
     assert "| baseline |" in md and "| retrained |" in md and "boss-5" in md
+    assert (rep / "scores_retrained.png").stat().st_size > 10_000 and "scores_retrained.png" in md
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "WIN a free prize, call now"}\n{"text": "see you at 6"}\n'
