@@ -418,7 +418,7 @@ def main(argv=None):
     shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
                          else "final_adapters.safetensors")
     model.load_weights(str(shipped), strict=False)
-    mx.save_safetensors(str(run_dir / "adapters.safetensors"), mx.load(str(shipped)))
+    shutil.copy(shipped, run_dir / "adapters.safetensors")  # the file mlx-lm loads
     common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
 
     model.eval()

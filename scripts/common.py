@@ -172,7 +172,6 @@ def atomic_dir(path: Path):
 # Models: load (strictly, from safetensors only), tokenize the prompt, score P(spam).
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 
 
 def on_cpu() -> bool:

@@ -5,7 +5,6 @@ import platform
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import fastblas

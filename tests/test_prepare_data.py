@@ -1,14 +1,12 @@
 """Step 2: the split is deterministic, disjoint, stratified; bad input fails cleanly."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import common
 
-from conftest import ROOT, load_script, run_script
+from conftest import load_script, run_script
 
 prep = load_script("02_prepare_data")
 
