@@ -74,6 +74,8 @@ class Server:
                "--max-messages", str(max(args.max_messages, 1))]
         if args.adapter_path is not None:
             cmd += ["--adapter-path", str(args.adapter_path)]
+        if args.trust_remote_code:
+            cmd += ["--trust-remote-code"]
         env = {**os.environ, "SMS_API_KEY": ""}
         self.log = tempfile.TemporaryFile("w+")  # its stderr, shown if it fails
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -210,9 +212,10 @@ async def run_clients(host: str, port: int, jobs: list[list[str]], concurrency: 
 # ---------------------------------------------------------------------------------------------
 
 
-def offline_throughput(model, adapter_path, messages: list[str], batch: int, deadline: float):
+def offline_throughput(model, adapter_path, messages: list[str], batch: int, deadline: float,
+                       trust_remote_code: bool = False):
     """common.p_spam over the same messages at batch `batch`, as 07_chat.py scores a file."""
-    loaded = common.load_model(model, adapter_path)
+    loaded = common.load_model(model, adapter_path, trust_remote_code=trust_remote_code)
     common.p_spam(*loaded, messages[:batch], batch_size=batch)  # warm-up, untimed
     done, started, chunk = 0, time.perf_counter(), batch * 16
     for start in range(0, len(messages), chunk):
@@ -304,7 +307,7 @@ def main(argv=None):
 
     sent_messages = [m for r in ok for m in jobs[r["i"]]] or [m for j in jobs for m in j]
     offline = offline_throughput(args.model, args.adapter_path, sent_messages, args.offline_batch,
-                                 time.monotonic() + args.time_limit)
+                                 time.monotonic() + args.time_limit, args.trust_remote_code)
     ratio = load["messages_per_s"] / offline["messages_per_s"] if offline["messages_per_s"] else 0
     print(f"offline: {offline['messages_per_s']:.1f} messages/s (common.p_spam, batch "
           f"{args.offline_batch}, {offline['messages']} messages in {offline['seconds']:.2f} s)")

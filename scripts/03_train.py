@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers  # noqa: E402
 
 
@@ -115,6 +117,20 @@ def load_config(name_or_path: str | None, overrides: dict) -> TrainConfig:
         elif not isinstance(value, want) or isinstance(value, bool) != (want is bool):
             raise UserError(f"config key {key}: expected {want.__name__}, got {value!r}")
     return TrainConfig(**values).validate()
+
+
+def resume_config(config_name: str | None, flags: dict) -> tuple[TrainConfig, tuple[Path, dict]]:
+    """The settings of the interrupted run; any asked for on the command line must agree."""
+    adapter_path = Path(flags.get("adapter_path", common.ADAPTERS_DIR))
+    folder, state = read_checkpoint(run_dir_of(adapter_path))
+    saved = dataclasses.replace(TrainConfig(**state["config"]), adapter_path=str(adapter_path))
+    asked = dataclasses.asdict(load_config(config_name, flags)) if config_name else flags
+    differ = [f"{k}={getattr(saved, k)!r} (asked: {v!r})" for k, v in asked.items()
+              if k != "adapter_path" and getattr(saved, k) != v]
+    if differ:
+        raise UserError(f"--resume: the checkpoint was made with {', '.join(differ)}; "
+                        "drop those settings, or start over without --resume")
+    return saved, (folder, state)
 
 
 def adapter_config(cfg: TrainConfig) -> dict:
@@ -216,12 +232,68 @@ def add_lora(model, cfg: TrainConfig) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
+def save_weights(weights: dict, path: Path):
+    """Safetensors under a temporary name, renamed into place."""
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), weights)
+    tmp.replace(path)
+
+
 def save_adapters(model, path: Path):
-    mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
+    save_weights(dict(tree_flatten(model.trainable_parameters())), path)
 
 
-def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: Path, log=print):
-    """Train LoRA adapters into run_dir; returns the history (losses, timings, diagnosis)."""
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a resumed run needs. The data order and the dropout noise are pure
+# functions of (seed, step), so the adapter, the optimizer state and the loop's counters suffice.
+
+CHECKPOINT = "checkpoint"
+
+
+def run_dir_of(adapter_path: Path) -> Path:
+    """The hidden folder a run works in; it replaces adapter_path when the run is done."""
+    adapter_path = Path(adapter_path)
+    return adapter_path.parent / f".{adapter_path.name}.partial"
+
+
+def save_checkpoint(run_dir: Path, snap: dict, cfg: TrainConfig):
+    """One folder that appears whole or not at all (written aside, then renamed)."""
+    with common.atomic_dir(run_dir / CHECKPOINT) as tmp:
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), snap["params"])
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), snap["optimizer"])
+        best = run_dir / "best_adapters.safetensors"
+        if best.exists():
+            shutil.copy(best, tmp / best.name)
+        common.atomic_write_json(tmp / "state.json", {
+            "step": snap["step"], "config": dataclasses.asdict(cfg), **snap["progress"]})
+        common.write_checksums(tmp, "scripts/03_train.py")
+
+
+def read_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """The checkpoint folder of an interrupted run and its state; a folder caught between the
+    two renames of a swap (killed at that instant) is found under its old name."""
+    for folder in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):
+        if (folder / "state.json").is_file():
+            common.verify_checksums(folder)
+            return folder, json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    raise UserError(f"nothing to resume: no checkpoint in {run_dir} "
+                    "(run scripts/03_train.py without --resume)")
+
+
+def restore_checkpoint(folder: Path, state: dict, model, optimizer, run_dir: Path) -> dict:
+    model.load_weights(str(folder / "adapters.safetensors"), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    optimizer.init(model.trainable_parameters())  # keeps the loaded entries
+    if (folder / "best_adapters.safetensors").exists():
+        shutil.copy(folder / "best_adapters.safetensors", run_dir / "best_adapters.safetensors")
+    return state
+
+
+def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: Path, log=print,
+          resume: tuple[Path, dict] | None = None):
+    """Train LoRA adapters into run_dir; returns the history (losses, timings, diagnosis).
+
+    resume: (checkpoint folder, its state) of an interrupted run, which continues from there."""
     mx.random.seed(cfg.seed)
     completion_only = cfg.loss == "completion"
     train_ex = tokenize(tokenizer, train_rows, cfg.max_seq_length)
@@ -261,76 +333,113 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     optimizer = optim.Adam(learning_rate=schedule)
     value_and_grad = nn.value_and_grad(model, lambda m, *b: loss_fn(m, *b, completion_only))
 
-    history = {"train": [], "val": [], "diagnosis": []}
-    best = math.inf
-    evals_since_best = 0
-    window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
-    trained_tokens = 0
-    for it in range(1, cfg.iters + 1):
-        if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
-            tic = time.perf_counter()
-            model.eval()
-            val = evaluate_loss(model, val_subset, val_batches, completion_only)
-            model.train()
-            log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
-            history["val"].append({"iteration": it, "val_loss": val})
-            if val < best:
-                best, evals_since_best = val, 0
-                save_adapters(model, run_dir / "best_adapters.safetensors")
-                history["best"] = {"iteration": it, "val_loss": val}
-            else:
-                evals_since_best += 1
-            vals = [v["val_loss"] for v in history["val"]]
-            if (len(vals) >= 4 and vals[-1] > vals[-2] > vals[-3] > vals[-4]
-                    and "overfitting" not in history["diagnosis"]):
-                history["diagnosis"].append("overfitting")
-                log(f"WARNING: validation loss rose for 3 evaluations in a row ({vals[-4]:.3f} -> "
-                    f"{vals[-1]:.3f}): overfitting. The best-validation adapter (iteration "
-                    f"{history['best']['iteration']}) is best_adapters.safetensors; ship: best "
-                    "uses it, early_stopping: N stops the run")
-            if cfg.early_stopping and evals_since_best >= cfg.early_stopping:
-                log(f"Early stop at iteration {it}: validation loss has not improved for "
-                    f"{evals_since_best} evaluations (best {best:.3f})")
-                history["diagnosis"].append("early-stopped")
-                break
+    progress = {"history": {"train": [], "val": [], "diagnosis": []}, "best": math.inf,
+                "evals_since_best": 0, "trained_tokens": 0}
+    done = 0
+    if resume is not None:
+        folder, saved = resume
+        progress = {k: saved[k] for k in progress}
+        done = saved["step"]
+        restore_checkpoint(folder, saved, model, optimizer, run_dir)
+        log(f"Resumed from the checkpoint after iteration {done}")
+    history = progress["history"]
 
-        tic = time.perf_counter()
-        batch = collate(train_ex, batch_of(it - 1))
-        (loss, ntoks), grads = value_and_grad(model, *batch)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, loss, ntoks)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            save_adapters(model, run_dir / "nan_adapters.safetensors")
-            raise UserError(
-                f"loss exploded to {loss_value} at iteration {it}; the last good adapter is "
-                f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
-                f"(now {cfg.learning_rate:g})")
-        window_loss += loss_value
-        window_toks += int(batch[1].sum().item())  # every input token, as mlx-lm counts them
-        window_time += time.perf_counter() - tic
-        window_steps += 1
-        if it % cfg.steps_per_report == 0 or it == cfg.iters:
-            trained_tokens += window_toks
-            entry = {"iteration": it, "train_loss": window_loss / window_steps,
-                     "learning_rate": float(optimizer.learning_rate),
-                     "iterations_per_second": window_steps / window_time,
-                     "tokens_per_second": window_toks / window_time,
-                     "trained_tokens": trained_tokens,
-                     "peak_memory_gb": mx.get_peak_memory() / 1e9}
-            history["train"].append(entry)
-            log(f"Iter {it}: Train loss {entry['train_loss']:.3f}, Learning Rate "
-                f"{entry['learning_rate']:.3e}, It/sec {entry['iterations_per_second']:.3f}, "
-                f"Tokens/sec {entry['tokens_per_second']:.3f}, Trained Tokens {trained_tokens}, "
-                f"Peak mem {entry['peak_memory_gb']:.3f} GB")
-            window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
-        if it % cfg.steps_per_save == 0:
-            save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
-            log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors")
+    def snapshot(step):  # arrays are immutable: holding them is free, and a crash mid-step
+        return {"step": step,  # cannot change what is held
+                "params": dict(tree_flatten(model.trainable_parameters())),
+                "optimizer": dict(tree_flatten(tree_map(lambda x: x, optimizer.state))),
+                "progress": json.loads(json.dumps(progress))}
+
+    snap = snapshot(done)
+    window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
+    it = done
+    try:
+        for it in range(done + 1, cfg.iters + 1):
+            if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
+                if validate(it, model, val_subset, val_batches, completion_only, progress, cfg,
+                            run_dir, log):
+                    break
+
+            tic = time.perf_counter()
+            mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
+            batch = collate(train_ex, batch_of(it - 1))
+            (loss, ntoks), grads = value_and_grad(model, *batch)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss, ntoks)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                save_adapters(model, run_dir / "nan_adapters.safetensors")
+                raise UserError(
+                    f"loss exploded to {loss_value} at iteration {it}; the last good adapter is "
+                    f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
+                    f"(now {cfg.learning_rate:g})")
+            window_loss += loss_value
+            window_toks += int(batch[1].sum().item())  # every input token, as mlx-lm counts
+            window_time += time.perf_counter() - tic
+            window_steps += 1
+            if it % cfg.steps_per_report == 0 or it == cfg.iters:
+                progress["trained_tokens"] += window_toks
+                entry = {"iteration": it, "train_loss": window_loss / window_steps,
+                         "learning_rate": float(optimizer.learning_rate),
+                         "iterations_per_second": window_steps / window_time,
+                         "tokens_per_second": window_toks / window_time,
+                         "trained_tokens": progress["trained_tokens"],
+                         "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                history["train"].append(entry)
+                log(f"Iter {it}: Train loss {entry['train_loss']:.3f}, Learning Rate "
+                    f"{entry['learning_rate']:.3e}, It/sec {entry['iterations_per_second']:.3f}, "
+                    f"Tokens/sec {entry['tokens_per_second']:.3f}, Trained Tokens "
+                    f"{progress['trained_tokens']}, Peak mem {entry['peak_memory_gb']:.3f} GB")
+                window_loss, window_toks, window_time, window_steps = 0.0, 0, 0.0, 0
+            snap = snapshot(it)
+            if it % cfg.steps_per_save == 0:
+                save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
+                save_checkpoint(run_dir, snap, cfg)
+                log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors "
+                    "and a checkpoint")
+    except KeyboardInterrupt:
+        save_checkpoint(run_dir, snap, cfg)
+        log(f"Interrupted: checkpoint after iteration {snap['step']} saved in "
+            f"{run_dir / CHECKPOINT}; continue with: python scripts/03_train.py --resume "
+            f"--adapter-path {cfg.adapter_path}")
+        raise
 
     history["iterations_run"] = it
     save_adapters(model, run_dir / "final_adapters.safetensors")
     return history
+
+
+def validate(it, model, val_subset, val_batches, completion_only, progress, cfg, run_dir,
+             log) -> bool:
+    """Validation loss before iteration `it`: best copy, overfitting warning, early stop.
+    Returns True when training should stop."""
+    history = progress["history"]
+    tic = time.perf_counter()
+    model.eval()
+    val = evaluate_loss(model, val_subset, val_batches, completion_only)
+    model.train()
+    log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+    history["val"].append({"iteration": it, "val_loss": val})
+    if val < progress["best"]:
+        progress["best"], progress["evals_since_best"] = val, 0
+        save_adapters(model, run_dir / "best_adapters.safetensors")
+        history["best"] = {"iteration": it, "val_loss": val}
+    else:
+        progress["evals_since_best"] += 1
+    vals = [v["val_loss"] for v in history["val"]]
+    if (len(vals) >= 4 and vals[-1] > vals[-2] > vals[-3] > vals[-4]
+            and "overfitting" not in history["diagnosis"]):
+        history["diagnosis"].append("overfitting")
+        log(f"WARNING: validation loss rose for 3 evaluations in a row ({vals[-4]:.3f} -> "
+            f"{vals[-1]:.3f}): overfitting. The best-validation adapter (iteration "
+            f"{history['best']['iteration']}) is best_adapters.safetensors; ship: best "
+            "uses it, early_stopping: N stops the run")
+    if cfg.early_stopping and progress["evals_since_best"] >= cfg.early_stopping:
+        log(f"Early stop at iteration {it}: validation loss has not improved for "
+            f"{progress['evals_since_best']} evaluations (best {progress['best']:.3f})")
+        history["diagnosis"].append("early-stopped")
+        return True
+    return False
 
 
 def choose_threshold(p_spam: np.ndarray, is_spam: np.ndarray, ham_weight: float) -> dict:
@@ -375,6 +484,10 @@ def plot_history(history: dict, path: Path):
     tmp.replace(path)
 
 
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @common.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -388,17 +501,26 @@ def main(argv=None):
             p.add_argument(flag, dest=f.name, type=type(f.default), default=None,
                            help=f.metadata.get("help"))
     p.add_argument("--reports", type=Path, default=common.REPORTS_DIR, help="where curves go")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder to run its own Python code (off: refused)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of --adapter-path from its last checkpoint "
+                        "(its settings are the checkpoint's)")
     args = vars(p.parse_args(argv))
     reports = args.pop("reports")
-    cfg = load_config(args.pop("config") or "default", args)
-
+    config_name, resume = args.pop("config"), args.pop("resume")
+    trust = args.pop("trust_remote_code")
+    if resume:
+        cfg, checkpoint = resume_config(config_name, {k: v for k, v in args.items() if v is not None})
+    else:
+        cfg, checkpoint = load_config(config_name or "default", args), None
     common.require_model(Path(cfg.model))
     data = Path(cfg.data)
     for split in (cfg.train_file, "valid.jsonl"):
         common.require(data / split, split, "scripts/02_prepare_data.py")
     train_rows = common.read_jsonl(data / cfg.train_file)
     valid_rows = common.read_jsonl(data / "valid.jsonl")
-    model, tokenizer = common.load_model(Path(cfg.model))
+    model, tokenizer = common.load_model(Path(cfg.model), trust_remote_code=trust)
     n_base = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_lora = add_lora(model, cfg)
     print(f"Trainable parameters: {100 * n_lora / n_base:.3f}% "
@@ -409,11 +531,17 @@ def main(argv=None):
     out = Path(cfg.adapter_path)
     # Work in a hidden folder beside the output that survives a crash (its checkpoints and
     # best-validation copy stay inspectable) and replaces the output only when the run is done.
-    run_dir = out.parent / f".{out.name}.partial"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    run_dir = run_dir_of(out)
+    if checkpoint is None:
+        if (run_dir / CHECKPOINT).is_dir():
+            print(f"Starting over: the checkpoint of an interrupted run in {run_dir} is discarded "
+                  "(--resume continues it instead)")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+    # SIGTERM (a shutdown, `kill`) is handled like Ctrl-C: a checkpoint first, then exit.
+    signal.signal(signal.SIGTERM, raise_interrupt)
     tic = time.perf_counter()
-    history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir)
+    history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir, resume=checkpoint)
     history["train_seconds"] = time.perf_counter() - tic
     shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
                          else "final_adapters.safetensors")
@@ -435,6 +563,8 @@ def main(argv=None):
               "(majority-class collapse): train longer or with a higher learning rate")
     history["threshold"] = chosen
     common.atomic_write_json(run_dir / "history.json", history)
+    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the run is done: nothing to resume
+    common.write_checksums(run_dir, "scripts/03_train.py")
     common.replace_dir(run_dir, out)
 
     common.atomic_write_json(reports / "train_history.json", history)

@@ -65,13 +65,14 @@ def classifier_metrics(is_spam: np.ndarray, p_spam: np.ndarray, threshold: float
 
 
 def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: str,
-             out_dir: Path, batch_size: int = 32) -> dict:
+             out_dir: Path, batch_size: int = 32, trust_remote_code: bool = False) -> dict:
     common.require_model(model_dir, adapter_path)
     test_path = common.require(data_dir / "test.jsonl", "test.jsonl", "scripts/02_prepare_data.py")
     fixed = [{"message": r["text"], "label": r["label"]} for r in common.read_jsonl(
         common.require(common.FIXED_MESSAGES, "the fixed test messages", "git checkout data/"))]
     test = common.read_jsonl(test_path)
-    model, tokenizer = common.load_model(model_dir, adapter_path)
+    model, tokenizer = common.load_model(model_dir, adapter_path,
+                                         trust_remote_code=trust_remote_code)
     threshold = common.read_threshold(adapter_path or model_dir)
     tic = time.perf_counter()
     lm = token_metrics(model, tokenizer, fixed)
@@ -155,7 +156,8 @@ def main(argv=None):
         return
     name = args.name or ("retrained" if args.adapter_path or args.model != common.BASELINE_DIR
                          else "baseline")
-    r = evaluate(args.model, args.adapter_path, args.data, name, args.out, args.batch_size)
+    r = evaluate(args.model, args.adapter_path, args.data, name, args.out, args.batch_size,
+                 args.trust_remote_code)
     lm, t = r["fixed_messages"], r["test"]
     print(f"[{name}] fixed messages: loss {lm['loss']:.3f}, perplexity {lm['perplexity']:.2f}, "
           f"token accuracy {lm['token_accuracy']:.1%}")

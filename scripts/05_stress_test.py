@@ -28,8 +28,10 @@ def load_suite(path: Path) -> list[dict]:
     return fixed + rows
 
 
-def stress_test(model_dir: Path, adapter_path: Path | None, suite: list[dict]) -> dict:
-    model, tokenizer = common.load_model(model_dir, adapter_path)
+def stress_test(model_dir: Path, adapter_path: Path | None, suite: list[dict],
+                trust_remote_code: bool = False) -> dict:
+    model, tokenizer = common.load_model(model_dir, adapter_path,
+                                         trust_remote_code=trust_remote_code)
     threshold = common.read_threshold(adapter_path or model_dir)
     probs = common.p_spam(model, tokenizer, [r["text"] for r in suite])
     results = []
@@ -52,7 +54,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR)
     args = p.parse_args(argv)
     name = args.name or args.model.name
-    report = stress_test(args.model, args.adapter_path, load_suite(args.suite))
+    report = stress_test(args.model, args.adapter_path, load_suite(args.suite),
+                         args.trust_remote_code)
     common.atomic_write_json(args.out / f"stress_{name}.json", report)
     for r in report["results"]:
         if r["category"] in ("final-boss", "tutorial-adversarial") or not r["correct"]:

@@ -29,10 +29,15 @@ from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, save  # n
 CARRIED = ("adapter_config.json", common.THRESHOLD_FILE)
 
 
-def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool = True) -> None:
-    """mlx-lm's fuse (the same calls as `mlx_lm fuse`), written to save_path as is."""
-    model, config = load_model(model_dir, strict=True)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool = True,
+         trust_remote_code: bool = False) -> None:
+    """mlx-lm's fuse (the same calls as `mlx_lm fuse`), written to save_path with checksums."""
+    common.check_remote_code(model_dir, trust_remote_code)
+    common.verify_checksums(model_dir)
+    common.verify_checksums(adapter_path)
+    model, config = load_model(model_dir, strict=True, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, {"trust_remote_code": trust_remote_code},
+                               eos_token_ids=config.get("eos_token_id"))
     if dequantize:
         common.upcast_half(model)  # W + BA computed and stored in float32
     load_adapters(model, str(adapter_path))
@@ -47,16 +52,17 @@ def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool 
     for name in CARRIED:
         if (adapter_path / name).exists():
             shutil.copy(adapter_path / name, save_path / name)
+    common.write_checksums(save_path, "scripts/06_fuse.py")
 
 
 def verify(model_dir: Path, adapter_path: Path, fused_dir: Path, messages: list[str],
-           sample: int = 64) -> dict:
+           sample: int = 64, trust_remote_code: bool = False) -> dict:
     """Adapter mode vs fused mode: max |Δlogit| (label tokens) and verdict agreement."""
     threshold = common.read_threshold(adapter_path)
     results = {}
     for mode, (path, adapters) in {"adapter": (model_dir, adapter_path),
                                    "fused": (fused_dir, None)}.items():
-        model, tokenizer = common.load_model(path, adapters)
+        model, tokenizer = common.load_model(path, adapters, trust_remote_code=trust_remote_code)
         logits = common.score_logits(model, tokenizer, messages)
         results[mode] = logits
         del model
@@ -85,6 +91,8 @@ def main(argv=None):
     p.add_argument("--max-delta", type=float, default=0.01,
                    help="largest |Δlogit| accepted between adapter and fused mode")
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR, help="reports folder")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder to run its own Python code (off: refused)")
     args = p.parse_args(argv)
     common.require(args.model / "config.json", "the base model", "scripts/01_download_model.py")
     common.require(args.adapter_path / "adapters.safetensors", "the adapters",
@@ -92,8 +100,9 @@ def main(argv=None):
     test = common.read_jsonl(common.require(args.data / "test.jsonl", "test.jsonl",
                                             "scripts/02_prepare_data.py"))
     with common.atomic_dir(args.save_path) as tmp:
-        fuse(args.model, args.adapter_path, tmp, dequantize=not args.keep_quantized)
-        check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test])
+        fuse(args.model, args.adapter_path, tmp, not args.keep_quantized, args.trust_remote_code)
+        check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test],
+                       trust_remote_code=args.trust_remote_code)
         check["dequantized"] = not args.keep_quantized
         print("| mode    | spam verdicts | max abs logit delta |")
         print("|---------|---------------|---------------------|")

@@ -132,7 +132,8 @@ def main(argv=None):
         raise UserError("--input and --output go together")
     if args.input is not None:
         count_messages(args.input)  # fail on a bad file before loading the model
-    model, tokenizer = common.load_model(args.model, args.adapter_path)
+    model, tokenizer = common.load_model(args.model, args.adapter_path,
+                                         trust_remote_code=args.trust_remote_code)
     threshold = common.read_threshold(args.adapter_path or args.model)
     if args.input is None:
         chat(model, tokenizer, threshold)

@@ -771,7 +771,8 @@ def main(argv=None):
             server.should_exit = True
 
     app = create_app(None, None, threshold, info, settings,
-                     loader=lambda: common.load_model(args.model, args.adapter_path),
+                     loader=lambda: common.load_model(
+                         args.model, args.adapter_path, trust_remote_code=args.trust_remote_code),
                      on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
                                            access_log=args.access_log, lifespan="on"))

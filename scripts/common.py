@@ -87,6 +87,8 @@ def add_model_args(parser, default_model: Path, what: str = "the fused model") -
                         help=f"model folder (default: {what})")
     parser.add_argument("--adapter-path", type=Path, default=None,
                         help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model folder to run its own Python code (off: refused)")
 
 
 def require_model(model_dir: Path, adapter_path: Path | None = None) -> None:
@@ -152,6 +154,51 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+CHECKSUMS = "checksums.json"
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, written_by: str) -> None:
+    """Record the size and SHA-256 of every weights file in folder (checked when loading)."""
+    folder = Path(folder)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(folder.glob("*.safetensors"))}
+    atomic_write_json(folder / CHECKSUMS, {"written_by": written_by, "files": files})
+
+
+def verify_checksums(folder: Path) -> None:
+    """Weights written by this project must be the bytes it wrote: a truncated copy, a disk
+    error or a hand edit is caught here, by name, instead of loading wrong numbers."""
+    path = Path(folder) / CHECKSUMS
+    if not path.is_file():
+        return  # a folder from elsewhere (e.g. a Hub model): nothing recorded to check
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        step, files = recorded["written_by"], dict(recorded["files"])
+    except (ValueError, OSError, KeyError, TypeError):
+        raise UserError(f"{path} is unreadable: re-run the step that wrote {Path(folder).name}")
+    bad = []
+    for name, want in files.items():
+        f = Path(folder) / name
+        if not f.is_file():
+            bad.append(f"{name} missing")
+        elif f.stat().st_size != want["bytes"]:
+            bad.append(f"{name} has {f.stat().st_size} bytes, not {want['bytes']}")
+        elif sha256(f) != want["sha256"]:
+            bad.append(f"{name} does not match its SHA-256")
+    if bad:
+        raise UserError(f"{folder} is damaged ({'; '.join(bad)}): re-run {step}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path):
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` whole.
@@ -188,12 +235,30 @@ def upcast_half(model):
     return model
 
 
-def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bool | None = None):
+def check_remote_code(model_dir: Path, trust: bool = False) -> None:
+    """A model folder that asks to run its own Python (mlx-lm's model_file, transformers'
+    auto_map) is refused unless the user said --trust-remote-code."""
+    asks = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON")
+        if not isinstance(cfg, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        asks += [f"{name}:{k}" for k in ("model_file", "auto_map") if k in cfg]
+    if asks and not trust:
+        raise UserError(f"{model_dir} asks to run its own code ({', '.join(asks)}); "
+                        "pass --trust-remote-code only if you trust its source")
+
+
+def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bool | None = None,
+               trust_remote_code: bool = False):
     """A model folder (+ optional LoRA adapters) ready to score.
 
     On a CPU the 4-bit weights are de-quantized to float32: MLX's CPU quantized matmul runs at
     ~3 GFLOP/s, its fp32 matmul through MKL at ~200. On Metal/CUDA the 4-bit path is kept."""
-    from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load_model as mlx_load_model, load_tokenizer
 
     model_dir = Path(model_dir)
@@ -202,9 +267,13 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
                         "run scripts/01_download_model.py first")
     if not list(model_dir.glob("*.safetensors")):
         raise UserError(f"{model_dir} has no .safetensors weights: re-run the step that made it")
+    check_remote_code(model_dir, trust_remote_code)
+    verify_checksums(model_dir)
     try:
-        model, config = mlx_load_model(model_dir, lazy=False, strict=True)
-        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        model, config = mlx_load_model(model_dir, lazy=False, strict=True,
+                                       trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, {"trust_remote_code": trust_remote_code},
+                                   eos_token_ids=config.get("eos_token_id"))
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise UserError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0][:200]}")
     if dequantize if dequantize is not None else on_cpu():
@@ -214,14 +283,40 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
         adapter_path = Path(adapter_path)
         if not (adapter_path / "adapter_config.json").is_file():
             raise UserError(f"no adapters at {adapter_path}: run scripts/03_train.py first")
-        try:
-            load_adapters(model, str(adapter_path))
-        except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise UserError(f"adapters in {adapter_path} do not fit the model in {model_dir}: "
-                            f"{' '.join(str(e).split())[:300]}")
+        verify_checksums(adapter_path)
+        check_adapters_fit(model, adapter_path, model_dir)
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def check_adapters_fit(model, adapter_path: Path, model_dir: Path) -> None:
+    """Apply the adapters, listing every way they do not fit the model (not just the first)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import load_adapters
+
+    where = f"adapters in {adapter_path} do not fit the model in {model_dir}"
+    try:
+        cfg = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+        n = int(cfg["num_layers"])
+        rank = int(cfg["lora_parameters"]["rank"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{adapter_path}/adapter_config.json is not a LoRA config ({e!r})")
+    if n < 1 or n > len(model.layers) or rank < 1:
+        raise UserError(f"{where}: num_layers={n}, rank={rank} but the model has "
+                        f"{len(model.layers)} layers")
+    if not (Path(adapter_path) / "adapters.safetensors").is_file():
+        raise UserError(f"{adapter_path} has no adapters.safetensors: re-run scripts/03_train.py")
+    try:
+        load_adapters(model, str(adapter_path))
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:]] or [str(e).splitlines()[0]]
+        raise UserError(f"{where}: {len(lines)} mismatch(es): {'; '.join(lines)}")
+    stored = set(mx.load(str(Path(adapter_path) / "adapters.safetensors")))
+    wanted = {k for k, _ in tree_flatten(model.parameters()) if k.endswith(("lora_a", "lora_b"))}
+    if wanted - stored:
+        missing = sorted(wanted - stored)
+        raise UserError(f"{where}: {len(missing)} adapter tensor(s) missing: {'; '.join(missing)}")
 
 
 def label_token_ids(tokenizer) -> dict[str, list[int]]:

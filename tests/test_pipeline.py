@@ -25,6 +25,7 @@ def trained(tmp_path_factory, tiny_model, data_dir):
     weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
                for k, v in weights.items()}
     mx.save_safetensors(str(ad / "adapters.safetensors"), weights)
+    common.write_checksums(ad, "scripts/03_train.py")  # a deliberate edit: record it
     return ad
 
 

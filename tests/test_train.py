@@ -102,8 +102,8 @@ def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in ad.iterdir()) == [
         "0000006_adapters.safetensors", "0000012_adapters.safetensors", "adapter_config.json",
-        "adapters.safetensors", "best_adapters.safetensors", "final_adapters.safetensors",
-        "history.json", "threshold.json"]
+        "adapters.safetensors", "best_adapters.safetensors", "checksums.json",
+        "final_adapters.safetensors", "history.json", "threshold.json"]
     assert sorted(p.name for p in rep.iterdir()) == ["loss_curve.png", "train_history.json"]
     lines = r.stdout.splitlines()
     assert re.fullmatch(r"Iter 1: Val loss \d+\.\d{3}, Val took \d+\.\d{3}s", lines[2])
