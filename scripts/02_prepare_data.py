@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 LABEL_WORDS = {"ham": "ham", "spam": "spam", "not spam": "ham", "0": "ham", "1": "spam"}
 TEXT_COLUMNS = ("text", "message", "sms", "v2")
+COMPLETIONS_LABELS = tuple(common.COMPLETIONS)  # ham, spam
 LABEL_COLUMNS = ("label", "class", "category", "v1")
 
 
@@ -87,9 +88,13 @@ def read_rows(path: Path) -> list[tuple[str, str, str]]:
         return rows
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SMS text has bare quotes
-    records = list(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    try:
+        records = list(reader)
+    except csv.Error as e:  # e.g. a field over csv's 128 KB limit: not an SMS
+        raise UserError(f"{path} line {reader.line_num}: {e}")
     first = [c.strip().lower() for c in records[0]] if records else []
-    headered = any(c in LABEL_COLUMNS for c in first)
+    headered = any(c in LABEL_COLUMNS or c in TEXT_COLUMNS for c in first)
     if headered:
         t = first.index(_pick(first, TEXT_COLUMNS, "text", path))
         lab = first.index(_pick(first, LABEL_COLUMNS, "label", path))
@@ -127,8 +132,8 @@ def clean(rows) -> list[dict]:
     for raw_text, raw_label, where in rows:
         label = normalize_label(raw_label, where)
         text = normalize_text(raw_text)
-        if not text:
-            raise UserError(f"{where}: empty message")
+        if common.is_blank(text):
+            raise UserError(f"{where}: empty message (only blanks or control characters)")
         key = dedupe_key(text)
         if key in seen:
             continue
@@ -136,6 +141,10 @@ def clean(rows) -> list[dict]:
         out.append({"message": text, "label": label})
     if not out:
         raise UserError("the dataset has no messages")
+    missing = sorted(set(COMPLETIONS_LABELS) - {r["label"] for r in out})
+    if missing:
+        raise UserError(f"the dataset has no {' or '.join(missing)} messages: a classifier "
+                        "needs both")
     return out
 
 

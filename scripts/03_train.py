@@ -103,6 +103,8 @@ def load_config(name_or_path: str | None, overrides: dict) -> TrainConfig:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text")
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of settings")
     values.update({k: v for k, v in overrides.items() if v is not None})

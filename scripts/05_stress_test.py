@@ -23,7 +23,7 @@ def load_suite(path: Path) -> list[dict]:
                                              "git checkout data/"))
     fixed = [{"id": f"fixed-{i + 1}", "category": "fixed", **r} for i, r in enumerate(fixed)]
     for r in rows + fixed:
-        if r.get("label") not in common.COMPLETIONS or not str(r.get("text", "")).strip():
+        if r.get("label") not in common.COMPLETIONS or common.is_blank(str(r.get("text", ""))):
             raise UserError(f"{path}: entry {r.get('id', '?')} needs a text and a ham/spam label")
     return fixed + rows
 

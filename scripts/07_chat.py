@@ -35,7 +35,7 @@ def iter_messages(path: Path):
                 if "text" not in (reader.fieldnames or []):
                     raise UserError(f"{path}: no 'text' column in the header")
                 for i, row in enumerate(reader, 2):
-                    if not (row["text"] or "").strip():
+                    if common.is_blank(row["text"] or ""):
                         raise UserError(f"{path} line {i}: empty message")
                     yield row["text"]
                 return
@@ -43,6 +43,8 @@ def iter_messages(path: Path):
                 if not line.strip():
                     continue
                 if suffix != ".jsonl":
+                    if common.is_blank(line):
+                        raise UserError(f"{path} line {i}: only control characters")
                     yield line.rstrip("\r\n")
                     continue
                 try:
@@ -51,7 +53,7 @@ def iter_messages(path: Path):
                     raise UserError(f"{path} line {i}: not JSON")
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise UserError(f"{path} line {i}: expected an object with a 'text' string")
-                if not obj["text"].strip():
+                if common.is_blank(obj["text"]):
                     raise UserError(f"{path} line {i}: empty message")
                 yield obj["text"]
         except UnicodeDecodeError:
@@ -114,7 +116,7 @@ def chat(model, tokenizer, threshold: float):
             text = input("> ")
         except EOFError:
             break
-        if not text.strip():
+        if common.is_blank(text):
             break
         p = float(common.p_spam(model, tokenizer, [text])[0])
         verdict = "SPAM" if p > threshold else "NOT SPAM"

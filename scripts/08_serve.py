@@ -502,7 +502,7 @@ def check_messages(messages: list[str], s: Settings) -> None:
         raise HTTPException(422, f"{len(messages)} messages, more than the limit of "
                                  f"{s.max_messages} per request")
     for i, m in enumerate(messages):
-        if not m.strip():
+        if common.is_blank(m):
             raise HTTPException(422, f"messages[{i}] is blank")
         if len(m) > s.max_chars:
             raise HTTPException(422, f"messages[{i}] has {len(m)} characters, more than the "

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +48,11 @@ DEFAULT_THRESHOLD = 0.5
 MAX_PROMPT_TOKENS = 512  # a longer message is truncated (the message, never the prompt or label)
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a reader would see: only whitespace, control and format characters."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def format_prompt(text: str) -> str:
     return PROMPT.format(text=text)
 
@@ -73,6 +79,10 @@ def cli(main):
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except OSError as e:  # a read-only folder, a full disk, a vanished file...
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
             raise SystemExit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -163,6 +163,7 @@ BAD = [
     ("too long", {"messages": ["ok", "x" * 2001]}, 422, "messages[1] has 2001 characters"),
     ("blank", {"messages": ["fine", "  \n\t "]}, 422, "messages[1] is blank"),
     ("empty string", {"messages": [""]}, 422, "messages[0] is blank"),
+    ("control characters only", {"messages": ["ok", "\x01\x02\u200b"]}, 422, "messages[1] is blank"),
     ("lone surrogate", b'{"messages": ["bad \\ud800 text"]}', 422, "not valid Unicode"),
 ]
 
@@ -178,6 +179,8 @@ def test_bad_requests_get_a_4xx_with_a_json_error(server, what, body, status, er
 def test_limits_at_the_edge_are_accepted(server):
     status, body, _ = classify(server.url, ["y" * 2000] + ["hi"] * 63)
     assert status == 200 and len(body["results"]) == 64
+    status, body, _ = classify(server.url, ["😂👍", "ﾃｽﾄ"])  # odd but real messages
+    assert status == 200 and len(body["results"]) == 2
 
 
 def test_oversize_body_by_content_length_and_by_bytes_read(server):
