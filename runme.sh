@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command for the whole pipeline, or the tests.
-#   ./runme.sh [--config NAME]   set up .venv, run steps 01-06, print the before/after report
+#   ./runme.sh [--config NAME] [--resume]
+#                                set up .venv, run steps 01-06, print the before/after report
+#                                (--resume: continue an interrupted training run)
 #   ./runme.sh test [ARGS]       set up .venv and run the test suite (pytest ARGS)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,10 +43,12 @@ step() {  # step NAME SCRIPT ARGS...: run one numbered script and record its wal
 
 pipeline() {
   local config="default"
+  local resume=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --config) config="${2:?--config needs a name}"; shift 2 ;;
-      *) echo "unknown option: $1 (usage: ./runme.sh [--config NAME] | ./runme.sh test)" >&2; exit 2 ;;
+      --resume) resume=(--resume); shift ;;
+      *) echo "unknown option: $1 (usage: ./runme.sh [--config NAME] [--resume] | ./runme.sh test)" >&2; exit 2 ;;
     esac
   done
   mkdir -p reports
@@ -53,7 +57,7 @@ pipeline() {
   step prepare    scripts/02_prepare_data.py
   step eval-base  scripts/04_evaluate.py --model models/baseline --name baseline
   step stress-base scripts/05_stress_test.py --model models/baseline --name baseline
-  step train      scripts/03_train.py --config "$config"
+  step train      scripts/03_train.py --config "$config" "${resume[@]}"
   step baselines  scripts/04_evaluate.py --tfidf
   step eval-lora  scripts/04_evaluate.py --model models/baseline --adapter-path models/retrained/adapters --name retrained
   step fuse       scripts/06_fuse.py
@@ -63,6 +67,6 @@ pipeline() {
 
 case "${1:-}" in
   test) shift; setup; exec "$PY" -m pytest tests "$@" ;;
-  -h|--help) sed -n '2,4p' "$0" ;;
+  -h|--help) sed -n '2,6p' "$0" ;;
   *) setup; pipeline "$@" ;;
 esac

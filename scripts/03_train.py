@@ -336,7 +336,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     value_and_grad = nn.value_and_grad(model, lambda m, *b: loss_fn(m, *b, completion_only))
 
     progress = {"history": {"train": [], "val": [], "diagnosis": []}, "best": math.inf,
-                "evals_since_best": 0, "trained_tokens": 0}
+                "evals_since_best": 0, "trained_tokens": 0, "recent_losses": [], "spikes": 0}
     done = 0
     if resume is not None:
         folder, saved = resume
@@ -369,12 +369,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss, ntoks)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                save_adapters(model, run_dir / "nan_adapters.safetensors")
-                raise UserError(
-                    f"loss exploded to {loss_value} at iteration {it}; the last good adapter is "
-                    f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
-                    f"(now {cfg.learning_rate:g})")
+            check_explosion(loss_value, it, progress, model, run_dir, cfg)
             window_loss += loss_value
             window_toks += int(batch[1].sum().item())  # every input token, as mlx-lm counts
             window_time += time.perf_counter() - tic
@@ -409,6 +404,28 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     history["iterations_run"] = it
     save_adapters(model, run_dir / "final_adapters.safetensors")
     return history
+
+
+SPIKE_FACTOR, SPIKE_STEPS, SPIKE_FLOOR = 10.0, 3, 1.0
+
+
+def check_explosion(loss: float, it: int, progress: dict, model, run_dir: Path, cfg):
+    """Stop on a NaN/Inf loss, or on a loss far above the running one for several steps in a
+    row (one hard batch is not an explosion); the last good adapter stays on disk."""
+    recent = progress["recent_losses"]
+    median = float(np.median(recent)) if len(recent) >= 10 else math.inf
+    spiking = math.isfinite(loss) and loss > max(SPIKE_FLOOR, SPIKE_FACTOR * median)
+    progress["spikes"] = progress["spikes"] + 1 if spiking else 0
+    if math.isfinite(loss) and progress["spikes"] < SPIKE_STEPS:
+        progress["recent_losses"] = (recent + [loss])[-20:]
+        return
+    save_adapters(model, run_dir / "exploded_adapters.safetensors")
+    what = (f"loss exploded to {loss}" if not math.isfinite(loss) else
+            f"loss exploded: {loss:.3f}, over {SPIKE_FACTOR:g}x the running median "
+            f"{median:.3f} for {SPIKE_STEPS} steps")
+    raise UserError(f"{what} at iteration {it}; the last good adapter is "
+                    f"{run_dir / 'best_adapters.safetensors'}. Try halving the learning rate "
+                    f"(now {cfg.learning_rate:g})")
 
 
 def validate(it, model, val_subset, val_batches, completion_only, progress, cfg, run_dir,
