@@ -182,18 +182,82 @@ def balanced_batch_at(step: int, by_class: list[list[int]], batch_size: int, see
     return out
 
 
-def collate(examples, idx):
+class FrozenStates:
+    """What the frozen blocks below the first LoRA block output for each message, computed once.
+
+    Those blocks (14 of SmolLM2's 30 with LoRA on the last 16) never change, so running them at
+    every step and every validation is waste: the steps start from these states instead. Packed
+    into one array (a zero row at the end for padding); computed in length-sorted batches in a
+    fixed order, so a resumed run gets exactly the same numbers."""
+
+    def __init__(self, model, examples, first: int, budget: int = 1024):
+        self.first = first
+        lengths = np.array([len(ids) - 1 for ids, _ in examples])  # inputs: all but the last
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.lengths = lengths
+        order = np.argsort(lengths, kind="stable").tolist()
+        parts = [None] * len(examples)
+        for idx in token_batches(examples, order, budget):
+            ids, _ = common.pad_batch([examples[i][0][:-1] for i in idx])
+            h = lower_blocks(model, mx.array(ids), first)
+            mx.eval(h)
+            for row, i in enumerate(idx):
+                parts[i] = h[row, : lengths[i]]
+        width = parts[0].shape[-1]
+        self.packed = mx.concatenate(parts + [mx.zeros((1, width), dtype=parts[0].dtype)])
+        mx.eval(self.packed)
+        self.pad_row = int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def gather(self, idx) -> mx.array:
+        """(batch, longest, hidden) states of examples idx, right-padded with zeros."""
+        lens = self.lengths[idx]
+        index = np.full((len(idx), int(lens.max())), self.pad_row, dtype=np.int64)
+        for row, (i, n) in enumerate(zip(idx, lens)):
+            index[row, :n] = np.arange(self.offsets[i], self.offsets[i] + n)
+        return self.packed[mx.array(index.astype(np.int32))]
+
+
+def lower_blocks(model, ids: mx.array, first: int) -> mx.array:
+    h = model.model.embed_tokens(ids)
+    for layer in model.model.layers[:first]:
+        h = layer(h, "causal")
+    return h
+
+
+def upper_blocks(model, h: mx.array, first: int) -> mx.array:
+    for layer in model.model.layers[first:]:
+        h = layer(h, "causal")
+    return model.model.norm(h)
+
+
+def frozen_prefix_supported(model) -> bool:
+    """The llama family's layout (embed_tokens -> layers -> norm), which the split above follows."""
+    inner = getattr(model, "model", None)
+    return (getattr(getattr(model, "args", None), "model_type", None) == "llama"
+            and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")))
+
+
+def collate(examples, idx, frozen: FrozenStates | None = None):
     seqs = [examples[i][0] for i in idx]
     ids, lengths = common.pad_batch(seqs)
     starts = np.array([examples[i][1] for i in idx], dtype=np.int32)
-    return mx.array(ids), mx.array(lengths), mx.array(starts)
+    states = frozen.gather(np.asarray(idx)) if frozen is not None else None
+    return mx.array(ids), mx.array(lengths), mx.array(starts), states
 
 
-def loss_fn(model, ids, lengths, starts, completion_only: bool):
+def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: int = 0):
     """Mean cross-entropy per predicted token: over every token (the tutorial), or over the
-    completion only, where just those few positions are projected onto the vocabulary."""
+    completion only, where just those few positions are projected onto the vocabulary.
+    states: the output of blocks [0, first) for ids[:, :-1] (FrozenStates), or None."""
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    h = common.hidden_states(model, inputs)
+    if states is not None:
+        h = upper_blocks(model, states, first)
+    else:
+        h = common.hidden_states(model, inputs)
     if completion_only:
         width = int(ids.shape[1])  # label tokens + EOS <= 4 positions per message
         offs = mx.arange(4)[None, :]
@@ -203,18 +267,42 @@ def loss_fn(model, ids, lengths, starts, completion_only: bool):
         targets = mx.take_along_axis(targets, pos, axis=1)
     else:
         mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
-    ce = nn.losses.cross_entropy(common.project(model, h).astype(mx.float32), targets) * mask
     ntoks = mask.sum()
-    return ce.sum() / ntoks, ntoks
+    return summed_cross_entropy(model, h, targets, mask) / ntoks, ntoks
 
 
-VAL_BATCH = 32  # messages per forward pass when measuring validation loss
+def summed_cross_entropy(model, h, targets, mask, rows: int = 512):
+    """Sum of the masked cross-entropy, projecting at most `rows` positions onto the 49,152-word
+    vocabulary at a time (a validation batch of 32 would otherwise hold ~400 MB of logits)."""
+    step = max(1, rows // targets.shape[0])
+    total = mx.array(0.0)
+    for t in range(0, targets.shape[1], step):
+        logits = common.project(model, h[:, t: t + step]).astype(mx.float32)
+        ce = common.cross_entropy(logits, targets[:, t: t + step])
+        total = total + (ce * mask[:, t: t + step]).sum()
+    return total
 
 
-def evaluate_loss(model, examples, batches, completion_only) -> float:
+VAL_TOKENS = 512  # padded positions per forward pass when measuring validation loss
+
+
+def token_batches(examples, order, budget: int) -> list[list[int]]:
+    """Consecutive runs of `order` (sorted by length) with at most `budget` padded positions
+    each: big enough for fast matrix products, small enough to bound the logits' memory."""
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * len(examples[i][0]) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> float:
     total, count = 0.0, 0
+    first = frozen.first if frozen is not None else 0
     for idx in batches:
-        loss, n = loss_fn(model, *collate(examples, idx), completion_only)
+        loss, n = loss_fn(model, *collate(examples, idx, frozen), completion_only, first)
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
@@ -323,7 +411,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     picked = sorted(np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist())
     val_subset = [valid_ex[i] for i in picked]
     order = sorted(range(len(val_subset)), key=lambda i: len(val_subset[i][0]))
-    val_batches = [order[i: i + VAL_BATCH] for i in range(0, len(order), VAL_BATCH)]
+    val_batches = token_batches(val_subset, order, VAL_TOKENS)
 
     lr = cfg.learning_rate
     schedule = lr if cfg.lr_schedule == "constant" else build_schedule(
@@ -333,7 +421,23 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         schedule = build_schedule({"name": "linear_schedule", "arguments": [lr, lr, 1],
                                    "warmup": cfg.warmup})
     optimizer = optim.Adam(learning_rate=schedule)
-    value_and_grad = nn.value_and_grad(model, lambda m, *b: loss_fn(m, *b, completion_only))
+
+    # The frozen blocks' output, computed once: for the validation messages (evaluated again and
+    # again) and for the training ones when the run visits each at least once on average.
+    first = len(model.layers) - cfg.num_layers
+    train_frozen = val_frozen = None
+    if first > 0 and frozen_prefix_supported(model):
+        tic = time.perf_counter()
+        val_frozen = FrozenStates(model, val_subset, first)
+        if cfg.iters * cfg.batch_size >= len(train_ex):
+            train_frozen = FrozenStates(model, train_ex, first)
+        size = sum(f.nbytes for f in (train_frozen, val_frozen) if f is not None)
+        log(f"Frozen blocks 0-{first - 1}: their output for "
+            f"{len(val_subset) + (len(train_ex) if train_frozen else 0)} messages computed once "
+            f"({size / 1e6:.0f} MB, {time.perf_counter() - tic:.1f}s)")
+    train_first = first if train_frozen is not None else 0
+    value_and_grad = nn.value_and_grad(
+        model, lambda m, *b: loss_fn(m, *b, completion_only, train_first))
 
     progress = {"history": {"train": [], "val": [], "diagnosis": []}, "best": math.inf,
                 "evals_since_best": 0, "trained_tokens": 0, "recent_losses": [], "spikes": 0}
@@ -358,13 +462,13 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     try:
         for it in range(done + 1, cfg.iters + 1):
             if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
-                if validate(it, model, val_subset, val_batches, completion_only, progress, cfg,
-                            run_dir, log):
+                if validate(it, model, (val_subset, val_batches, val_frozen), completion_only,
+                            progress, cfg, run_dir, log):
                     break
 
             tic = time.perf_counter()
             mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
-            batch = collate(train_ex, batch_of(it - 1))
+            batch = collate(train_ex, batch_of(it - 1), train_frozen)
             (loss, ntoks), grads = value_and_grad(model, *batch)
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss, ntoks)
@@ -428,14 +532,14 @@ def check_explosion(loss: float, it: int, progress: dict, model, run_dir: Path, 
                     f"(now {cfg.learning_rate:g})")
 
 
-def validate(it, model, val_subset, val_batches, completion_only, progress, cfg, run_dir,
-             log) -> bool:
+def validate(it, model, val, completion_only, progress, cfg, run_dir, log) -> bool:
     """Validation loss before iteration `it`: best copy, overfitting warning, early stop.
     Returns True when training should stop."""
     history = progress["history"]
     tic = time.perf_counter()
     model.eval()
-    val = evaluate_loss(model, val_subset, val_batches, completion_only)
+    subset, batches, frozen = val
+    val = evaluate_loss(model, subset, batches, completion_only, frozen)
     model.train()
     log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
     history["val"].append({"iteration": it, "val_loss": val})

@@ -235,6 +235,22 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
 
 
+def fast_ops_enabled() -> bool:
+    """fastops.py's CPU exp/SiLU/softmax; SMS_LORA_FAST_OPS=0 keeps MLX's own."""
+    return os.environ.get("SMS_LORA_FAST_OPS", "1") != "0"
+
+
+def cross_entropy(logits, targets):
+    """Per-position cross-entropy (fastops' on a CPU, MLX's elsewhere)."""
+    if on_cpu() and fast_ops_enabled():
+        import fastops
+
+        return fastops.cross_entropy(logits, targets)
+    import mlx.nn as nn
+
+    return nn.losses.cross_entropy(logits, targets)
+
+
 def upcast_half(model):
     """float16 parameters (4-bit scales and biases included) to float32, so that de-quantizing
     gives the exact weights instead of weights rounded to float16."""
@@ -289,6 +305,10 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
     if dequantize if dequantize is not None else on_cpu():
         model = dequantize_model(upcast_half(model))
         model.set_dtype(mx.float32)
+    if on_cpu() and fast_ops_enabled():
+        import fastops
+
+        fastops.install()
     if adapter_path is not None:
         adapter_path = Path(adapter_path)
         if not (adapter_path / "adapter_config.json").is_file():

@@ -6,7 +6,8 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 
 import common
@@ -79,6 +80,29 @@ def test_completion_loss_only_counts_the_label_tokens(tiny_model):
     # label tokens + EOS per message; every next-token position for "all"
     assert n_completion.item() == len(labels["spam"]) + len(labels["ham"]) + 2
     assert n_all.item() == sum(len(ids) - 1 for ids, _ in ex)
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, completion_only):
+    """Starting the forward pass at the first LoRA block from cached states changes nothing."""
+    path = tiny.make_tiny_model(tmp_path / "m", num_hidden_layers=4)
+    model, tok = common.load_model(path)
+    cfg = train.TrainConfig(num_layers=2, seed=1)
+    train.add_lora(model, cfg)
+    for name, p in tree_flatten(model.trainable_parameters()):  # non-zero B: a live adapter
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.1)]))
+    rows = [{"message": m, "label": l} for m, l in [("WIN a prize now!!", "spam"), ("ok", "ham"),
+            ("see you at the station at six then", "ham"), ("Claim your reward", "spam")]]
+    ex = train.tokenize(tok, rows, 64)
+    frozen = train.FrozenStates(model, ex, first=2, budget=40)  # batches of another composition
+    idx = [2, 0, 3]
+    vg = nn.value_and_grad(model, train.loss_fn)
+    (plain, n1), g1 = vg(model, *train.collate(ex, idx), completion_only)
+    (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2)
+    assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
 
 
 def test_choose_threshold_prefers_few_false_alarms():
