@@ -190,21 +190,27 @@ class FrozenStates:
     into one array (a zero row at the end for padding); computed in length-sorted batches in a
     fixed order, so a resumed run gets exactly the same numbers."""
 
-    def __init__(self, model, examples, first: int, budget: int = 1024):
+    def __init__(self, model, examples, first: int, indices=None, budget: int = 1024):
+        """States of examples[i] for i in indices (default: all of them)."""
         self.first = first
-        lengths = np.array([len(ids) - 1 for ids, _ in examples])  # inputs: all but the last
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        indices = list(range(len(examples))) if indices is None else sorted(set(indices))
+        lengths = np.zeros(len(examples), dtype=np.int64)  # inputs: all tokens but the last
+        lengths[indices] = [len(examples[i][0]) - 1 for i in indices]
         self.lengths = lengths
-        order = np.argsort(lengths, kind="stable").tolist()
-        parts = [None] * len(examples)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.cached = np.zeros(len(examples), dtype=bool)
+        self.cached[indices] = True
+        order = sorted(indices, key=lambda i: lengths[i])
+        parts = {}
         for idx in token_batches(examples, order, budget):
             ids, _ = common.pad_batch([examples[i][0][:-1] for i in idx])
             h = lower_blocks(model, mx.array(ids), first)
             mx.eval(h)
             for row, i in enumerate(idx):
                 parts[i] = h[row, : lengths[i]]
-        width = parts[0].shape[-1]
-        self.packed = mx.concatenate(parts + [mx.zeros((1, width), dtype=parts[0].dtype)])
+        width = model.model.embed_tokens.weight.shape[-1]
+        pad = mx.zeros((1, width), dtype=mx.float32)
+        self.packed = mx.concatenate([parts[i] for i in indices] + [pad])
         mx.eval(self.packed)
         self.pad_row = int(self.offsets[-1])
 
@@ -214,6 +220,7 @@ class FrozenStates:
 
     def gather(self, idx) -> mx.array:
         """(batch, longest, hidden) states of examples idx, right-padded with zeros."""
+        assert self.cached[idx].all(), "asked for states that were not computed"
         lens = self.lengths[idx]
         index = np.full((len(idx), int(lens.max())), self.pad_row, dtype=np.int64)
         for row, (i, n) in enumerate(zip(idx, lens)):
@@ -408,10 +415,9 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     # The messages of `val_batches` batches (mlx-lm's meaning), evaluated in larger batches:
     # a token-weighted mean does not depend on how the messages are grouped.
     n_val = len(valid_ex) if cfg.val_batches < 0 else cfg.val_batches * cfg.batch_size
-    picked = sorted(np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist())
-    val_subset = [valid_ex[i] for i in picked]
-    order = sorted(range(len(val_subset)), key=lambda i: len(val_subset[i][0]))
-    val_batches = token_batches(val_subset, order, VAL_TOKENS)
+    picked = np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist()
+    val_batches = token_batches(valid_ex, sorted(picked, key=lambda i: len(valid_ex[i][0])),
+                                VAL_TOKENS)
 
     lr = cfg.learning_rate
     schedule = lr if cfg.lr_schedule == "constant" else build_schedule(
@@ -422,19 +428,20 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
                                    "warmup": cfg.warmup})
     optimizer = optim.Adam(learning_rate=schedule)
 
-    # The frozen blocks' output, computed once: for the validation messages (evaluated again and
-    # again) and for the training ones when the run visits each at least once on average.
+    # The frozen blocks' output, computed once for every message the run will use (the batch
+    # order is known in advance); then those blocks' weights are let go.
     first = len(model.layers) - cfg.num_layers
     train_frozen = val_frozen = None
     if first > 0 and frozen_prefix_supported(model):
         tic = time.perf_counter()
-        val_frozen = FrozenStates(model, val_subset, first)
-        if cfg.iters * cfg.batch_size >= len(train_ex):
-            train_frozen = FrozenStates(model, train_ex, first)
-        size = sum(f.nbytes for f in (train_frozen, val_frozen) if f is not None)
-        log(f"Frozen blocks 0-{first - 1}: their output for "
-            f"{len(val_subset) + (len(train_ex) if train_frozen else 0)} messages computed once "
-            f"({size / 1e6:.0f} MB, {time.perf_counter() - tic:.1f}s)")
+        visited = {i for step in range(cfg.iters) for i in batch_of(step)}
+        train_frozen = FrozenStates(model, train_ex, first, visited)
+        val_frozen = FrozenStates(model, valid_ex, first)
+        release_blocks(model, first)
+        log(f"Frozen blocks 0-{first - 1}: their output for {len(visited)} training and "
+            f"{len(valid_ex)} validation messages computed once "
+            f"({(train_frozen.nbytes + val_frozen.nbytes) / 1e6:.0f} MB, "
+            f"{time.perf_counter() - tic:.1f}s)")
     train_first = first if train_frozen is not None else 0
     value_and_grad = nn.value_and_grad(
         model, lambda m, *b: loss_fn(m, *b, completion_only, train_first))
@@ -462,7 +469,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     try:
         for it in range(done + 1, cfg.iters + 1):
             if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
-                if validate(it, model, (val_subset, val_batches, val_frozen), completion_only,
+                if validate(it, model, (valid_ex, val_batches, val_frozen), completion_only,
                             progress, cfg, run_dir, log):
                     break
 
@@ -507,7 +514,37 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
 
     history["iterations_run"] = it
     save_adapters(model, run_dir / "final_adapters.safetensors")
-    return history
+    shipped = run_dir / f"{cfg.ship}_adapters.safetensors"
+    model.load_weights(str(shipped), strict=False)
+    model.eval()
+    if val_frozen is not None:
+        probs = cached_p_spam(model, tokenizer, valid_ex, val_frozen)
+    else:
+        probs = common.p_spam(model, tokenizer, [r["message"] for r in valid_rows])
+    return history, probs
+
+
+def release_blocks(model, first: int):
+    """Drop the weights of blocks [0, first): their work is in FrozenStates (saves ~200 MB)."""
+    for layer in model.model.layers[:first]:
+        layer.update(tree_map(lambda a: mx.zeros((0,), a.dtype), layer.parameters()))
+    mx.clear_cache()
+
+
+def cached_p_spam(model, tokenizer, examples, frozen: FrozenStates) -> np.ndarray:
+    """P(spam) of each example from its cached states: the last prompt position's logits of the
+    two labels' first tokens, as common.p_spam computes them."""
+    labels = common.label_token_ids(tokenizer)
+    pair = [labels["spam"][0], labels["ham"][0]]
+    out = np.zeros(len(examples))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for idx in token_batches(examples, order, VAL_TOKENS):
+        h = upper_blocks(model, frozen.gather(np.array(idx)), frozen.first)
+        last = mx.array([examples[i][1] - 1 for i in idx])  # the prompt's last position
+        h = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        logits = common.project(model, h)[:, pair].astype(mx.float32)
+        out[idx] = np.array(mx.sigmoid(logits[:, 0] - logits[:, 1]))
+    return out
 
 
 SPIKE_FACTOR, SPIKE_STEPS, SPIKE_FLOOR = 10.0, 3, 1.0
@@ -641,8 +678,8 @@ def main(argv=None):
     data = Path(cfg.data)
     for split in (cfg.train_file, "valid.jsonl"):
         common.require(data / split, split, "scripts/02_prepare_data.py")
-    train_rows = common.read_jsonl(data / cfg.train_file)
-    valid_rows = common.read_jsonl(data / "valid.jsonl")
+    train_rows = common.read_split(data / cfg.train_file)
+    valid_rows = common.read_split(data / "valid.jsonl")
     model, tokenizer = common.load_model(Path(cfg.model), trust_remote_code=trust)
     n_base = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_lora = add_lora(model, cfg)
@@ -664,17 +701,13 @@ def main(argv=None):
     # SIGTERM (a shutdown, `kill`) is handled like Ctrl-C: a checkpoint first, then exit.
     signal.signal(signal.SIGTERM, raise_interrupt)
     tic = time.perf_counter()
-    history = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir, resume=checkpoint)
+    history, probs = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir,
+                           resume=checkpoint)
     history["train_seconds"] = time.perf_counter() - tic
-    shipped = run_dir / ("best_adapters.safetensors" if cfg.ship == "best"
-                         else "final_adapters.safetensors")
-    model.load_weights(str(shipped), strict=False)
-    shutil.copy(shipped, run_dir / "adapters.safetensors")  # the file mlx-lm loads
+    shutil.copy(run_dir / f"{cfg.ship}_adapters.safetensors",
+                run_dir / "adapters.safetensors")  # the file mlx-lm loads
     common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
-
-    model.eval()
     is_spam = np.array([r["label"] == "spam" for r in valid_rows])
-    probs = common.p_spam(model, tokenizer, [r["message"] for r in valid_rows])
     ham_weight = 4517 / 642  # natural ham:spam ratio of the distinct collection
     chosen = choose_threshold(probs, is_spam, ham_weight)
     common.atomic_write_json(run_dir / common.THRESHOLD_FILE, {

@@ -70,7 +70,7 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
     test_path = common.require(data_dir / "test.jsonl", "test.jsonl", "scripts/02_prepare_data.py")
     fixed = [{"message": r["text"], "label": r["label"]} for r in common.read_jsonl(
         common.require(common.FIXED_MESSAGES, "the fixed test messages", "git checkout data/"))]
-    test = common.read_jsonl(test_path)
+    test = common.read_split(test_path)
     model, tokenizer = common.load_model(model_dir, adapter_path,
                                          trust_remote_code=trust_remote_code)
     threshold = common.read_threshold(adapter_path or model_dir)
@@ -99,10 +99,8 @@ def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
-    train = common.read_jsonl(common.require(data_dir / train_file, train_file,
-                                             "scripts/02_prepare_data.py"))
-    test = common.read_jsonl(common.require(data_dir / "test.jsonl", "test.jsonl",
-                                            "scripts/02_prepare_data.py"))
+    train = common.read_split(data_dir / train_file)
+    test = common.read_split(data_dir / "test.jsonl")
     stress = common.read_jsonl(common.STRESS_SUITE)
     y = np.array([r["label"] == "spam" for r in train])
     is_spam = np.array([r["label"] == "spam" for r in test])

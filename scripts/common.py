@@ -150,6 +150,26 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_split(path: Path) -> list[dict]:
+    """A split written by step 2, checked against the SHA-256 that split.json (written last)
+    recorded for it: a step 2 that stopped half way cannot leave a mix of old and new splits
+    that trains on test messages."""
+    path = require(path, path.name, "scripts/02_prepare_data.py")
+    manifest = path.parent / "split.json"
+    if manifest.is_file():
+        try:
+            want = json.loads(manifest.read_text(encoding="utf-8"))["sha256"].get(path.stem)
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(f"{manifest} is unreadable: re-run scripts/02_prepare_data.py")
+        if want is not None and want != sha256(path):
+            raise UserError(f"{path} is not the file split.json describes (step 2 was interrupted "
+                            "or the files were mixed): re-run scripts/02_prepare_data.py")
+    try:
+        return read_jsonl(path)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged: re-run scripts/02_prepare_data.py")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Put folder src in place of dst with renames only: at any moment dst is the old folder,
     nothing, or the new one, never a mix."""

@@ -144,6 +144,31 @@ def test_unwritable_output_folder(previous, capsys, monkeypatch, error, needle):
         common.read_jsonl(previous / p) if str(p).endswith(".jsonl") else json.loads(after[p])
 
 
+@pytest.mark.parametrize("damage,needle", [
+    ("mixed", "not the file split.json describes"),
+    ("truncated", "not the file split.json describes"),
+    ("unlisted and garbled", "is damaged"),
+])
+def test_splits_of_another_run_or_damaged_are_refused(tmp_path, previous, tiny_model, capsys,
+                                                     damage, needle):
+    """What an interrupted step 2 or a hand edit could leave: training and evaluation refuse it
+    rather than train on test messages."""
+    test = previous / "test.jsonl"
+    if damage == "mixed":
+        valid = (previous / "valid.jsonl").read_bytes()
+        test.write_bytes(valid)  # another run's file under this name
+    elif damage == "truncated":
+        test.write_bytes(test.read_bytes()[:-40])
+    else:
+        manifest = json.loads((previous / "split.json").read_text())
+        del manifest["sha256"]["test"]
+        (previous / "split.json").write_text(json.dumps(manifest))
+        test.write_bytes(b'{"message": "hi", "label": "ham"}\n{garbled\n')
+    fails(capsys, evaluate.main, ["--model", tiny_model, "--data", previous, "--out",
+                                  tmp_path / "rep"], needle)
+    assert not (tmp_path / "rep").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training configuration (step 3).
 

@@ -103,6 +103,12 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, co
     assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
+    # the validation P(spam) that picks the threshold, from the same states
+    p_cached = train.cached_p_spam(model, tok, ex, frozen)
+    assert np.allclose(p_cached, common.p_spam(model, tok, [r["message"] for r in rows]), atol=1e-5)
+    train.release_blocks(model, 2)  # and nothing below the LoRA blocks is needed any more
+    assert np.allclose(train.cached_p_spam(model, tok, ex, frozen), p_cached)
+    assert model.layers[0].mlp.up_proj.weight.size == 0
 
 
 def test_choose_threshold_prefers_few_false_alarms():
