@@ -82,9 +82,13 @@ def test_completion_loss_only_counts_the_label_tokens(tiny_model):
     assert n_all.item() == sum(len(ids) - 1 for ids, _ in ex)
 
 
-@pytest.mark.parametrize("completion_only", [True, False])
-def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, completion_only):
-    """Starting the forward pass at the first LoRA block from cached states changes nothing."""
+@pytest.mark.parametrize("completion_only,remat", [(True, False), (False, False), (False, True)])
+def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, monkeypatch,
+                                                                    completion_only, remat):
+    """Starting the forward pass at the first LoRA block from cached states changes nothing;
+    nor does recomputing the blocks in the backward pass (mx.checkpoint, for long batches)."""
+    if remat:
+        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 0)
     path = tiny.make_tiny_model(tmp_path / "m", num_hidden_layers=4)
     model, tok = common.load_model(path)
     cfg = train.TrainConfig(num_layers=2, seed=1)
