@@ -149,8 +149,14 @@ for it in range(1, iters + 1):
 '''
 
 
+TORCH_PYTHON = ROOT / ".venv-torch" / "bin" / "python"
+
+
 def bench_torch(model: Path, data: Path, iters: int, tmp: Path) -> dict | None:
-    probe = subprocess.run([sys.executable, "-c", "import torch, peft; print(torch.__version__)"],
+    """In its own environment (.venv-torch, see benchmarks/requirements.txt): with torch in
+    .venv, transformers would import it into every MLX process too (+250 MB of RSS)."""
+    python = str(TORCH_PYTHON if TORCH_PYTHON.exists() else sys.executable)
+    probe = subprocess.run([python, "-c", "import torch, peft; print(torch.__version__)"],
                            capture_output=True, text=True, env=plain_env())
     if probe.returncode != 0:
         return None
@@ -163,7 +169,7 @@ def bench_torch(model: Path, data: Path, iters: int, tmp: Path) -> dict | None:
     del loaded
     script = tmp / "torch_loop.py"
     script.write_text(TORCH_LOOP)
-    r = run([sys.executable, str(script), str(weights), str(model), str(data), str(iters)],
+    r = run([python, str(script), str(weights), str(model), str(data), str(iters)],
             env=plain_env())
     return {**steady(r["output"], iters), "wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"],
             "torch": probe.stdout.strip()}
@@ -212,7 +218,7 @@ def main(argv=None):
             print(f"== {name}: {iters} iterations", flush=True)
             results[name] = fn(args.model, args.data, iters, Path(tmp))
             if results[name] is None:
-                print("   (torch or peft not installed: pip install -r benchmarks/requirements.txt)")
+                print("   skipped: no torch + peft (see benchmarks/requirements.txt)")
     rows = [n for n in ("ours", "mlx-lm", "torch") if results.get(n)]
     print(f"\n{results['machine']['cpu']}, {results['machine']['cores']} cores, MLX "
           f"{results['machine']['mlx']} ({results['machine']['device']}, BLAS "

@@ -448,6 +448,24 @@ def _batch_cache(model, states, batch: int):
     return cache
 
 
+SCORE_TOKENS = 1024  # padded positions per forward pass when scoring
+
+
+def length_batches(lengths: list[int], batch_size: int, budget: int = SCORE_TOKENS):
+    """Indices in batches of similar length: at most batch_size messages and (beyond one
+    message) at most `budget` padded positions each, so a few long messages do not make a whole
+    batch of short ones pay for their padding."""
+    order = np.argsort(lengths, kind="stable")
+    batch = []
+    for i in order:
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * lengths[i] > budget):
+            yield np.array(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        yield np.array(batch)
+
+
 def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
     """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
 
@@ -460,10 +478,8 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
     shared = len(prefix) if all(e[: len(prefix)] == prefix and len(e) > len(prefix)
                                 for e in encoded) else 0
     states = _prefix_cache(model, prefix) if shared else None
-    order = np.argsort([len(e) for e in encoded], kind="stable")
     out = np.zeros((len(messages), 2), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+    for idx in length_batches([len(e) - shared for e in encoded], batch_size):
         ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
         cache = _batch_cache(model, states, len(idx)) if shared else None
         h = model.model(mx.array(ids), cache=cache)
