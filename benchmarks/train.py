@@ -64,8 +64,9 @@ def steady(output: str, iters: int) -> dict:
     return {"s_per_iteration": 1 / ips, "tokens_per_s": sum(r[2] for r in late) / len(late)}
 
 
-def bench_ours(model: Path, data: Path, iters: int, tmp: Path) -> dict:
+def bench_ours(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> dict:
     r = run([sys.executable, str(ROOT / "scripts" / "03_train.py"), "--config", "seed",
+             "--num-layers", str(layers),
              "--model", str(model), "--data", str(data), "--iters", str(iters),
              "--adapter-path", str(tmp / "ours"), "--reports", str(tmp / "ours-reports"),
              "--steps-per-report", str(max(iters // 4, 1)), "--steps-per-eval", "100000",
@@ -95,13 +96,13 @@ lora.main()
 '''
 
 
-def bench_mlx_lm(model: Path, data: Path, iters: int, tmp: Path) -> dict:
+def bench_mlx_lm(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> dict:
     """The tutorial's command (its data are the 'text' lines of train/valid.jsonl)."""
     script = tmp / "mlx_lm_lora.py"
     script.write_text(MLX_LM_LORA)
     r = run([sys.executable, str(script), "--model", str(model), "--train",
              "--data", str(data), "--iters", str(iters), "--batch-size", "4",
-             "--num-layers", "16", "--learning-rate", "5e-5", "--steps-per-report",
+             "--num-layers", str(layers), "--learning-rate", "5e-5", "--steps-per-report",
              str(max(iters // 4, 1)), "--steps-per-eval", "100000", "--val-batches", "1",
              "--save-every", "100000", "--adapter-path", str(tmp / "mlx-lm")])
     return {**steady(r["output"], iters), "wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"]}
@@ -114,7 +115,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-weights, model_dir, data, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+weights, model_dir, data, iters, lora_layers = sys.argv[1:4] + [int(a) for a in sys.argv[4:6]]
 cfg = json.load(open(f"{model_dir}/config.json"))
 cfg.pop("quantization", None); cfg.pop("quantization_config", None)
 model = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -124,7 +125,7 @@ layers = cfg["num_hidden_layers"]
 model = get_peft_model(model, LoraConfig(
     r=8, lora_alpha=160, lora_dropout=0.0,  # mlx-lm's scale 20 = alpha / r
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    layers_to_transform=list(range(layers - 16, layers))))
+    layers_to_transform=list(range(layers - lora_layers, layers))))
 tok = AutoTokenizer.from_pretrained(model_dir)
 tok.pad_token = tok.pad_token or tok.eos_token
 texts = [json.loads(l)["text"] for l in open(f"{data}/train.jsonl")]
@@ -152,7 +153,7 @@ for it in range(1, iters + 1):
 TORCH_PYTHON = ROOT / ".venv-torch" / "bin" / "python"
 
 
-def bench_torch(model: Path, data: Path, iters: int, tmp: Path) -> dict | None:
+def bench_torch(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> dict | None:
     """In its own environment (.venv-torch, see benchmarks/requirements.txt): with torch in
     .venv, transformers would import it into every MLX process too (+250 MB of RSS)."""
     python = str(TORCH_PYTHON if TORCH_PYTHON.exists() else sys.executable)
@@ -169,7 +170,7 @@ def bench_torch(model: Path, data: Path, iters: int, tmp: Path) -> dict | None:
     del loaded
     script = tmp / "torch_loop.py"
     script.write_text(TORCH_LOOP)
-    r = run([python, str(script), str(weights), str(model), str(data), str(iters)],
+    r = run([python, str(script), str(weights), str(model), str(data), str(iters), str(layers)],
             env=plain_env())
     return {**steady(r["output"], iters), "wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"],
             "torch": probe.stdout.strip()}
@@ -201,6 +202,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=40, help="iterations of ours and torch")
     p.add_argument("--mlx-lm-iters", type=int, default=8,
                    help="iterations of mlx_lm lora (slow here: its 4-bit CPU kernels)")
+    p.add_argument("--num-layers", type=int, default=16, help="LoRA on the last N blocks")
     p.add_argument("--skip", nargs="*", default=[], choices=["ours", "mlx-lm", "torch"])
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_train.json")
     args = p.parse_args(argv)
@@ -216,7 +218,7 @@ def main(argv=None):
                 continue
             iters = args.mlx_lm_iters if name == "mlx-lm" else args.iters
             print(f"== {name}: {iters} iterations", flush=True)
-            results[name] = fn(args.model, args.data, iters, Path(tmp))
+            results[name] = fn(args.model, args.data, iters, Path(tmp), args.num_layers)
             if results[name] is None:
                 print("   skipped: no torch + peft (see benchmarks/requirements.txt)")
     rows = [n for n in ("ours", "mlx-lm", "torch") if results.get(n)]

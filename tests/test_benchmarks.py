@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on the tiny model (their figures come from the real one;
+speed is measured there, never asserted here)."""
+
+import json
+import sys
+
+import subprocess
+
+from conftest import ROOT
+
+
+def bench(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_train_benchmark_runs_ours_and_mlx_lm(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "train.json"
+    r = bench("train.py", "--model", tiny_model, "--data", data_dir, "--iters", "8",
+              "--mlx-lm-iters", "4", "--num-layers", "1", "--skip", "torch", "--out", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads(out.read_text())
+    for loop in ("ours", "mlx-lm"):
+        assert result[loop]["s_per_iteration"] > 0 and result[loop]["peak_rss_gb"] > 0
+    assert result["speedup_vs_mlx-lm"] > 0 and "| ours |" in r.stdout
+
+
+def test_score_benchmark_runs(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "score.json"
+    r = bench("score.py", "--model", tiny_model, "--data", data_dir, "--limit", "16",
+              "--naive-limit", "3", "--batches", "1", "8", "--out", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads(out.read_text())
+    assert [o["batch"] for o in result["ours"]] == [1, 8]
+    assert result["naive"]["messages"] == 3 and result["roofline_messages_per_s"] > 0
+    assert all(0 < o["fraction_of_roofline"] for o in result["ours"])
