@@ -121,6 +121,8 @@ cfg.pop("quantization", None); cfg.pop("quantization_config", None)
 model = LlamaForCausalLM(LlamaConfig(**cfg))
 model.load_state_dict(load_file(weights), strict=False)  # tied lm_head: not in the file
 model.tie_weights()
+device = "cuda" if torch.cuda.is_available() else "cpu"  # what a torch user would do
+model.to(device)
 layers = cfg["num_hidden_layers"]
 model = get_peft_model(model, LoraConfig(
     r=8, lora_alpha=160, lora_dropout=0.0,  # mlx-lm's scale 20 = alpha / r
@@ -134,13 +136,15 @@ random.seed(0)
 model.train()
 times, tokens = [], []
 for it in range(1, iters + 1):
-    batch = tok(random.sample(texts, 4), return_tensors="pt", padding=True)
+    batch = tok(random.sample(texts, 4), return_tensors="pt", padding=True).to(device)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     tic = time.perf_counter()
     loss = model(**batch, labels=labels).loss
     loss.backward()
     opt.step()
     opt.zero_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - tic)
     tokens.append(int(batch["attention_mask"].sum()))
     if it % max(iters // 4, 1) == 0:
@@ -164,7 +168,7 @@ def bench_torch(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    loaded, _ = common.load_model(model)  # de-quantized to float32: the same numbers
+    loaded, _ = common.load_model(model, dequantize=True)  # float32: the same numbers
     weights = tmp / "torch-weights.safetensors"
     mx.save_safetensors(str(weights), {k: v for k, v in tree_flatten(loaded.parameters())})
     del loaded

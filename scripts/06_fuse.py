@@ -56,13 +56,16 @@ def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool 
 
 
 def verify(model_dir: Path, adapter_path: Path, fused_dir: Path, messages: list[str],
-           sample: int = 64, trust_remote_code: bool = False) -> dict:
-    """Adapter mode vs fused mode: max |Δlogit| (label tokens) and verdict agreement."""
+           sample: int = 64, trust_remote_code: bool = False, dequantized: bool = True) -> dict:
+    """Adapter mode vs fused mode: max |Δlogit| (label tokens) and verdict agreement. A float32
+    fuse is compared with base + adapter de-quantized to float32 on every backend (on a GPU the
+    4-bit base would otherwise run in float16 and differ by its rounding, not by the fuse)."""
     threshold = common.read_threshold(adapter_path)
     results = {}
     for mode, (path, adapters) in {"adapter": (model_dir, adapter_path),
                                    "fused": (fused_dir, None)}.items():
-        model, tokenizer = common.load_model(path, adapters, trust_remote_code=trust_remote_code)
+        model, tokenizer = common.load_model(path, adapters, dequantize=dequantized or None,
+                                             trust_remote_code=trust_remote_code)
         logits = common.score_logits(model, tokenizer, messages)
         results[mode] = logits
         del model
@@ -102,7 +105,8 @@ def main(argv=None):
     with common.atomic_dir(args.save_path) as tmp:
         fuse(args.model, args.adapter_path, tmp, not args.keep_quantized, args.trust_remote_code)
         check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test],
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code,
+                       dequantized=not args.keep_quantized)
         check["dequantized"] = not args.keep_quantized
         print("| mode    | spam verdicts | max abs logit delta |")
         print("|---------|---------------|---------------------|")
