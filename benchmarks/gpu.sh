@@ -12,9 +12,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-reports/gpu}"
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "${WHEELS:?set WHEELS}"/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# Into the machine's own environment, beside the nvidia-* libraries mlx-cuda-13 links to.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  "${WHEELS:?set WHEELS}"/*.whl || exit 1
+NV="$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia"
+export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
 
 nvidia-smi -L | tee "$OUT/gpu.txt"
 python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
