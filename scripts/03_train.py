@@ -208,8 +208,8 @@ class FrozenStates:
             mx.eval(h)
             for row, i in enumerate(idx):
                 parts[i] = h[row, : lengths[i]]
-        width = model.model.embed_tokens.weight.shape[-1]
-        pad = mx.zeros((1, width), dtype=mx.float32)
+        some = parts[indices[0]]
+        pad = mx.zeros((1, some.shape[-1]), dtype=some.dtype)
         self.packed = mx.concatenate([parts[i] for i in indices] + [pad])
         mx.eval(self.packed)
         self.pad_row = int(self.offsets[-1])
