@@ -55,6 +55,7 @@ DATA = {
     "binary file": ("in.tsv", bytes(range(256)) * 64, "not valid UTF-8"),
     "huge file, one line": ("in.tsv", b"x" * 5_000_000, "line 1: field larger than"),
     "wrong delimiter": ("in.csv", b"label;text\nspam;WIN now\nham;see you\n", "expected label,text"),
+    "no tab in a TSV": ("in.tsv", b"spam hi there\n", "line 1: expected label<TAB>text"),
     "mixed encodings": ("in.tsv", "ham\tcafé ok\nham\tfine\n".encode() + b"spam\tcaf\xe9\n",
                         "line 3: not valid UTF-8"),
     "label in another language": ("in.tsv", "spam\tWIN\npourriel\tGAGNEZ\n".encode(),
