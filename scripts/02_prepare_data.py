@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import re
@@ -25,7 +24,6 @@ import numpy as np  # noqa: E402
 
 LABEL_WORDS = {"ham": "ham", "spam": "spam", "not spam": "ham", "0": "ham", "1": "spam"}
 TEXT_COLUMNS = ("text", "message", "sms", "v2")
-COMPLETIONS_LABELS = tuple(common.COMPLETIONS)  # ham, spam
 LABEL_COLUMNS = ("label", "class", "category", "v1")
 
 
@@ -141,7 +139,7 @@ def clean(rows) -> list[dict]:
         out.append({"message": text, "label": label})
     if not out:
         raise UserError("the dataset has no messages")
-    missing = sorted(set(COMPLETIONS_LABELS) - {r["label"] for r in out})
+    missing = sorted(set(common.COMPLETIONS) - {r["label"] for r in out})
     if missing:
         raise UserError(f"the dataset has no {' or '.join(missing)} messages: a classifier "
                         "needs both")
@@ -219,7 +217,7 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
         "source": origin, "raw_rows": raw_rows, "seed": seed, "test_fraction": test_fraction,
         "distinct_messages": len(messages), "counts": counts,
         "supplement": {"file": Path(supplement).name, "messages": len(extra)} if supplement else None,
-        "sha256": {name: hashlib.sha256((out / f"{name}.jsonl").read_bytes()).hexdigest()
+        "sha256": {name: common.sha256(out / f"{name}.jsonl")
                    for name in splits},
     }
     common.atomic_write_json(out / "split.json", manifest)

@@ -200,9 +200,8 @@ class FrozenStates:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.cached = np.zeros(len(examples), dtype=bool)
         self.cached[indices] = True
-        order = sorted(indices, key=lambda i: lengths[i])
         parts = {}
-        for idx in token_batches(examples, order, budget):
+        for idx in token_batches(examples, indices, budget):
             ids, _ = common.pad_batch([examples[i][0][:-1] for i in idx])
             h = lower_blocks(model, mx.array(ids), first)
             mx.eval(h)
@@ -295,7 +294,7 @@ def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: i
 
 def summed_cross_entropy(model, h, targets, mask, rows: int = 512):
     """Sum of the masked cross-entropy, projecting at most `rows` positions onto the 49,152-word
-    vocabulary at a time (a validation batch of 32 would otherwise hold ~400 MB of logits)."""
+    vocabulary at a time (bounds the logits' memory of a long batch)."""
     step = max(1, rows // targets.shape[0])
     total = mx.array(0.0)
     for t in range(0, targets.shape[1], step):
@@ -308,16 +307,12 @@ def summed_cross_entropy(model, h, targets, mask, rows: int = 512):
 VAL_TOKENS = 512  # padded positions per forward pass when measuring validation loss
 
 
-def token_batches(examples, order, budget: int) -> list[list[int]]:
-    """Consecutive runs of `order` (sorted by length) with at most `budget` padded positions
-    each: big enough for fast matrix products, small enough to bound the logits' memory."""
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * len(examples[i][0]) > budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
+def token_batches(examples, indices, budget: int) -> list[list[int]]:
+    """examples[i] for i in indices, grouped by length with at most `budget` padded positions
+    a batch (common.length_batches): big enough for fast matrix products, small enough to bound
+    the logits' memory."""
+    lengths = [len(examples[i][0]) for i in indices]
+    return [[indices[j] for j in b] for b in common.length_batches(lengths, len(indices), budget)]
 
 
 def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> float:
@@ -431,8 +426,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     # a token-weighted mean does not depend on how the messages are grouped.
     n_val = len(valid_ex) if cfg.val_batches < 0 else cfg.val_batches * cfg.batch_size
     picked = np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist()
-    val_batches = token_batches(valid_ex, sorted(picked, key=lambda i: len(valid_ex[i][0])),
-                                VAL_TOKENS)
+    val_batches = token_batches(valid_ex, picked, VAL_TOKENS)
 
     lr = cfg.learning_rate
     schedule = lr if cfg.lr_schedule == "constant" else build_schedule(
@@ -552,8 +546,7 @@ def cached_p_spam(model, tokenizer, examples, frozen: FrozenStates) -> np.ndarra
     labels = common.label_token_ids(tokenizer)
     pair = [labels["spam"][0], labels["ham"][0]]
     out = np.zeros(len(examples))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    for idx in token_batches(examples, order, VAL_TOKENS):
+    for idx in token_batches(examples, list(range(len(examples))), VAL_TOKENS):
         h = upper_blocks(model, frozen.gather(np.array(idx)), frozen.first)
         last = mx.array([examples[i][1] - 1 for i in idx])  # the prompt's last position
         h = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0]

@@ -103,8 +103,7 @@ def main(argv=None):
     common.require(args.model / "config.json", "the base model", "scripts/01_download_model.py")
     common.require(args.adapter_path / "adapters.safetensors", "the adapters",
                    "scripts/03_train.py")
-    test = common.read_split(common.require(args.data / "test.jsonl", "test.jsonl",
-                                            "scripts/02_prepare_data.py"))
+    test = common.read_split(args.data / "test.jsonl")
     with common.atomic_dir(args.save_path) as tmp:
         fuse(args.model, args.adapter_path, tmp, not args.keep_quantized, args.trust_remote_code)
         check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test],
