@@ -292,16 +292,10 @@ def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: i
     return summed_cross_entropy(model, h, targets, mask) / ntoks, ntoks
 
 
-def summed_cross_entropy(model, h, targets, mask, rows: int = 512):
-    """Sum of the masked cross-entropy, projecting at most `rows` positions onto the 49,152-word
-    vocabulary at a time (bounds the logits' memory of a long batch)."""
-    step = max(1, rows // targets.shape[0])
-    total = mx.array(0.0)
-    for t in range(0, targets.shape[1], step):
-        logits = common.project(model, h[:, t: t + step]).astype(mx.float32)
-        ce = common.cross_entropy(logits, targets[:, t: t + step])
-        total = total + (ce * mask[:, t: t + step]).sum()
-    return total
+def summed_cross_entropy(model, h, targets, mask):
+    """Sum of the masked cross-entropy over the 49,152-word vocabulary, a few positions at a time
+    (common.projected_cross_entropy: bounded memory for a long batch's logits)."""
+    return (common.projected_cross_entropy(model, h, targets) * mask).sum()
 
 
 VAL_TOKENS = 512  # padded positions per forward pass when measuring validation loss
@@ -537,7 +531,7 @@ def release_blocks(model, first: int):
     """Drop the weights of blocks [0, first): their work is in FrozenStates (saves ~200 MB)."""
     for layer in model.model.layers[:first]:
         layer.update(tree_map(lambda a: mx.zeros((0,), a.dtype), layer.parameters()))
-    mx.clear_cache()
+    common.release_memory()
 
 
 def cached_p_spam(model, tokenizer, examples, frozen: FrozenStates) -> np.ndarray:
@@ -550,7 +544,7 @@ def cached_p_spam(model, tokenizer, examples, frozen: FrozenStates) -> np.ndarra
         h = upper_blocks(model, frozen.gather(np.array(idx)), frozen.first)
         last = mx.array([examples[i][1] - 1 for i in idx])  # the prompt's last position
         h = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-        logits = common.project(model, h)[:, pair].astype(mx.float32)
+        logits = common.label_logits(model, h, pair).astype(mx.float32)
         out[idx] = np.array(mx.sigmoid(logits[:, 0] - logits[:, 1]))
     return out
 

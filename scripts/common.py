@@ -271,6 +271,93 @@ def cross_entropy(logits, targets):
     return nn.losses.cross_entropy(logits, targets)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system: MLX's buffer cache, then glibc's free lists (which
+    fastblas tells glibc to keep, for speed, until asked like this)."""
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def output_weight(model):
+    """The output layer's (vocabulary, hidden) matrix when it is a plain float matrix (tied to the
+    embedding or not), else None (a 4-bit layer, or one with a bias)."""
+    tied = getattr(model, "lm_head", None) is None or model.args.tie_word_embeddings
+    head = model.model.embed_tokens if tied else model.lm_head
+    if hasattr(head, "scales") or "bias" in head:
+        return None
+    return head.weight
+
+
+CE_ROWS = 128  # positions projected onto the vocabulary at a time: 128 x 49,152 floats = 25 MB
+CE_KEEP = 64  # up to this many positions (a completion-only batch) the logits are simply kept
+
+
+@functools.cache
+def _ce_grad_kernel(fast_exp: bool):
+    if fast_exp:
+        import fastops
+
+        exp = fastops._exp
+    else:
+        exp = mx.exp
+
+    @mx.compile
+    def grad(logits, lse, targets, cotangent):  # (softmax(logits) - onehot(targets)) * cotangent
+        onehot = mx.arange(logits.shape[-1])[None] == targets[:, None]
+        return (exp(logits - lse[:, None]) - onehot) * cotangent[:, None]
+
+    return grad
+
+
+def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = CE_ROWS,
+                            keep: int = CE_KEEP):
+    """cross_entropy(project(model, h), targets), per position, without ever holding the logits
+    of every position: forward and backward each go `rows` positions at a time, the backward
+    recomputing its chunk's logits (one more matrix product) instead of keeping (positions x
+    49,152) floats, and their gradient, from one pass to the other. Gradient: h's only (the
+    output layer is frozen here). A 4-bit output layer, or at most `keep` positions (whose
+    logits are small enough to keep), take the plain path."""
+    weight = output_weight(model)
+    if weight is None or h.size // h.shape[-1] <= keep:  # 4-bit, or small: plain autodiff
+        return cross_entropy(project(model, h).astype(mx.float32), targets)
+    x = h.reshape(-1, h.shape[-1])
+    t = targets.reshape(-1)
+    spans = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
+
+    def logits_of(rows):
+        return (rows @ weight.T).astype(mx.float32)
+
+    def grad_of(logits, out, a, b, cotangent):
+        picked = mx.take_along_axis(logits, t[a:b, None], axis=-1).squeeze(-1)
+        kernel = _ce_grad_kernel(on_cpu() and fast_ops_enabled())
+        d = kernel(logits, out + picked, t[a:b], cotangent)  # lse = ce + picked
+        return (d @ weight).astype(x.dtype)
+
+    def in_turn(piece_of):  # each chunk waits for the last one, so one chunk's logits at a time
+        pieces = []
+        for a, b in spans:
+            rows = x[a:b] if not pieces else mx.depends(x[a:b], pieces[-1])
+            pieces.append(piece_of(rows, a, b))
+        return mx.concatenate(pieces)
+
+    @mx.custom_function
+    def ce(x):
+        return in_turn(lambda rows, a, b: cross_entropy(logits_of(rows), t[a:b]))
+
+    @ce.vjp
+    def ce_vjp(x, cotangent, out):  # one input: x is the primal itself
+        return (in_turn(lambda rows, a, b: grad_of(logits_of(rows), out[a:b], a, b,
+                                                   cotangent[a:b])),)
+
+    return ce(x).reshape(targets.shape)
+
+
 def upcast_half(model):
     """float16 parameters (4-bit scales and biases included) to float32, so that de-quantizing
     gives the exact weights instead of weights rounded to float16."""
@@ -330,7 +417,7 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
             dequantize_model(upcast_half(part))
             part.set_dtype(mx.float32)
             mx.eval(part.parameters())
-        mx.clear_cache()
+        release_memory()
     if on_cpu() and fast_ops_enabled():
         import fastops
 
@@ -413,6 +500,14 @@ def project(model, h: mx.array) -> mx.array:
     return model.model.embed_tokens.as_linear(h)
 
 
+def label_logits(model, h: mx.array, token_ids: list[int]) -> mx.array:
+    """project(model, h)[..., token_ids], computing just those columns of the output layer."""
+    weight = output_weight(model)
+    if weight is None:
+        return project(model, h)[..., token_ids]
+    return h @ weight[mx.array(token_ids)].T
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids and lengths. A causal model never looks right, so no mask is needed."""
     lengths = np.array([len(s) for s in seqs], dtype=np.int32)
@@ -484,7 +579,7 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
         cache = _batch_cache(model, states, len(idx)) if shared else None
         h = model.model(mx.array(ids), cache=cache)
         last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
-        logits = project(model, last)[:, pair]
+        logits = label_logits(model, last, pair)
         out[idx] = np.array(logits.astype(mx.float32))
     return out
 

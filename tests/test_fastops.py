@@ -76,3 +76,32 @@ def test_a_model_gives_the_same_logits_with_and_without(tmp_path, monkeypatch):
     monkeypatch.setattr(llama, "swiglu", activations.swiglu)
     monkeypatch.setattr(llama, "scaled_dot_product_attention", mlx_attention)
     assert mx.allclose(fast, model(ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
+    """The memory-lean loss of 03_train (chunks of `rows` positions, logits recomputed in the
+    backward) gives the plain project-then-cross-entropy values and gradients."""
+    model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m", tie_word_embeddings=tied))
+    assert common.output_weight(model) is not None
+    mx.random.seed(3)
+    h, w = mx.random.normal((3, 50, model.args.hidden_size)), mx.random.uniform(shape=(3, 50))
+    targets = mx.random.randint(0, model.args.vocab_size, (3, 50))
+
+    def plain(x):
+        return (nn.losses.cross_entropy(common.project(model, x), targets) * w).sum()
+
+    def chunked(x):  # 150 positions: 10 chunks of 16, the last one short
+        return (common.projected_cross_entropy(model, x, targets, rows=16, keep=0) * w).sum()
+
+    assert abs(chunked(h).item() - plain(h).item()) < 1e-3 * abs(plain(h).item())
+    g1, g2 = mx.grad(chunked)(h), mx.grad(plain)(h)
+    assert mx.abs(g1).max().item() > 1e-3
+    assert mx.allclose(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_label_logits_are_those_columns_of_the_full_projection(tmp_path):
+    model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m"))
+    h = mx.random.normal((4, model.args.hidden_size))
+    assert mx.allclose(common.label_logits(model, h, [7, 3]), common.project(model, h)[:, [7, 3]],
+                       atol=1e-5)
