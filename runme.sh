@@ -60,7 +60,7 @@ pipeline() {
   step train      scripts/03_train.py --config "$config" "${resume[@]}"
   step baselines  scripts/04_evaluate.py --tfidf
   step eval-lora  scripts/04_evaluate.py --model models/baseline --adapter-path models/retrained/adapters --name retrained
-  step fuse       scripts/06_fuse.py
+  step fuse       scripts/06_fuse.py --reuse reports/eval_retrained.json
   step stress-fused scripts/05_stress_test.py --model models/retrained/fused --name fused
   "$PY" scripts/report.py --timings reports/.timings.tsv
 }

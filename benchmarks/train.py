@@ -181,8 +181,10 @@ def bench_torch(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> 
 
 
 def plain_env() -> dict:
-    """No MKL preload for torch: it brings its own BLAS."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    """torch as a user runs it: no MKL preload (it brings its own BLAS) and none of the malloc
+    settings fastblas gives this project's processes."""
+    ours = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env["SMS_LORA_FAST_BLAS"] = "0"
     return env
 

@@ -76,7 +76,8 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
     threshold = common.read_threshold(adapter_path or model_dir)
     tic = time.perf_counter()
     lm = token_metrics(model, tokenizer, fixed)
-    probs = common.p_spam(model, tokenizer, [r["message"] for r in test], batch_size)
+    logits = common.score_logits(model, tokenizer, [r["message"] for r in test], batch_size)
+    probs = common.p_spam_of(logits)
     seconds = time.perf_counter() - tic
     is_spam = np.array([r["label"] == "spam" for r in test])
     result = {
@@ -84,10 +85,13 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
         "adapter_path": str(adapter_path) if adapter_path else None,
         "fixed_messages": lm, "test": classifier_metrics(is_spam, probs, threshold),
         "seconds": seconds,
+        # what the scores were computed from, so that 06_fuse can reuse them as its adapter side
+        "scored": common.scoring_provenance(model_dir, adapter_path, test_path),
     }
-    common.atomic_write_json(out_dir / f"eval_{name}.json", result)
     common.write_jsonl(out_dir / f"scores_{name}.jsonl",
-                       [{"label": r["label"], "p_spam": float(p)} for r, p in zip(test, probs)])
+                       [{"label": r["label"], "p_spam": float(p), "logits": [float(a), float(b)]}
+                        for r, p, (a, b) in zip(test, probs, logits)])
+    common.atomic_write_json(out_dir / f"eval_{name}.json", result)
     return result
 
 

@@ -13,6 +13,7 @@ rounds most of the small LoRA update away, and float16 rounding alone moves logi
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -55,15 +56,38 @@ def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool 
     common.write_checksums(save_path, "scripts/06_fuse.py")
 
 
+def reusable_adapter_logits(evaluation: Path | None, model_dir: Path, adapter_path: Path,
+                            test_path: Path, dequantized: bool) -> np.ndarray | None:
+    """The adapter side of the check as 04_evaluate already computed it, when its record says it
+    scored these very weights and messages the way verify() would; else None."""
+    if evaluation is None or not evaluation.is_file():
+        return None
+    try:
+        scored = json.loads(evaluation.read_text(encoding="utf-8")).get("scored")
+        rows = common.read_jsonl(evaluation.with_name(
+            evaluation.name.replace("eval_", "scores_", 1).replace(".json", ".jsonl")))
+        logits = np.array([r["logits"] for r in rows], dtype=np.float32)
+    except (ValueError, KeyError, TypeError, OSError, UserError):
+        return None
+    if scored != common.scoring_provenance(model_dir, adapter_path, test_path) or (
+            scored["dequantized"] != dequantized) or logits.shape[1:] != (2,):
+        return None
+    return logits
+
+
 def verify(model_dir: Path, adapter_path: Path, fused_dir: Path, messages: list[str],
-           sample: int = 64, trust_remote_code: bool = False, dequantized: bool = True) -> dict:
+           sample: int = 64, trust_remote_code: bool = False, dequantized: bool = True,
+           adapter_logits: np.ndarray | None = None) -> dict:
     """Adapter mode vs fused mode: max |Δlogit| (label tokens) and verdict agreement. A float32
     fuse is compared with base + adapter de-quantized to float32 on every backend (on a GPU the
-    4-bit base would otherwise run in float16 and differ by its rounding, not by the fuse)."""
+    4-bit base would otherwise run in float16 and differ by its rounding, not by the fuse).
+    adapter_logits: the adapter side, already computed (reusable_adapter_logits)."""
     threshold = common.read_threshold(adapter_path)
-    results = {}
+    results = {} if adapter_logits is None else {"adapter": adapter_logits}
     for mode, (path, adapters) in {"adapter": (model_dir, adapter_path),
                                    "fused": (fused_dir, None)}.items():
+        if mode in results:
+            continue
         model, tokenizer = common.load_model(path, adapters, dequantize=dequantized or None,
                                              trust_remote_code=trust_remote_code)
         logits = common.score_logits(model, tokenizer, messages)
@@ -95,6 +119,10 @@ def main(argv=None):
                    help="largest |Δlogit| accepted between adapter and fused mode (default 0.01 "
                         "on a CPU; 0.05 on a GPU, whose float32 products round to TF32)")
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR, help="reports folder")
+    p.add_argument("--reuse", type=Path, default=None, metavar="EVAL_JSON",
+                   help="04_evaluate's report of base + these adapters (e.g. "
+                        "reports/eval_retrained.json): its test logits stand for the adapter "
+                        "side of the check when it scored the same weights and messages")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder to run its own Python code (off: refused)")
     args = p.parse_args(argv)
@@ -104,12 +132,19 @@ def main(argv=None):
     common.require(args.adapter_path / "adapters.safetensors", "the adapters",
                    "scripts/03_train.py")
     test = common.read_split(args.data / "test.jsonl")
+    reused = reusable_adapter_logits(args.reuse, args.model, args.adapter_path,
+                                     args.data / "test.jsonl", not args.keep_quantized)
+    if args.reuse is not None:
+        print(f"adapter side of the check: reused from {args.reuse}" if reused is not None else
+              f"adapter side of the check: computed ({args.reuse} does not match these weights "
+              "and messages)")
     with common.atomic_dir(args.save_path) as tmp:
         fuse(args.model, args.adapter_path, tmp, not args.keep_quantized, args.trust_remote_code)
         check = verify(args.model, args.adapter_path, tmp, [r["message"] for r in test],
                        trust_remote_code=args.trust_remote_code,
-                       dequantized=not args.keep_quantized)
+                       dequantized=not args.keep_quantized, adapter_logits=reused)
         check["dequantized"] = not args.keep_quantized
+        check["adapter_side_reused"] = reused is not None
         print("| mode    | spam verdicts | max abs logit delta |")
         print("|---------|---------------|---------------------|")
         print(f"| adapter | {check['spam_adapter']:13d} | {'-':>19s} |")

@@ -295,7 +295,7 @@ def output_weight(model):
 
 
 CE_ROWS = 128  # positions projected onto the vocabulary at a time: 128 x 49,152 floats = 25 MB
-CE_KEEP = 64  # up to this many positions (a completion-only batch) the logits are simply kept
+CE_KEEP = 64  # up to this many positions (a completion-only batch) plain autodiff keeps the logits
 
 
 @functools.cache
@@ -586,8 +586,22 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
 
 def p_spam(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
     """P(spam) = softmax over the two label tokens' logits."""
-    logits = score_logits(model, tokenizer, messages, batch_size)
+    return p_spam_of(score_logits(model, tokenizer, messages, batch_size))
+
+
+def p_spam_of(logits: np.ndarray) -> np.ndarray:
+    """score_logits' (n, 2) logits (spam, ham) -> P(spam)."""
     return 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))
+
+
+def scoring_provenance(model_dir: Path, adapter_path: Path | None, test_path: Path) -> dict:
+    """What a set of test-split logits depends on: the weights (by checksum), the messages and
+    whether the model ran de-quantized. Two equal records mean the same logits."""
+    adapters = Path(adapter_path) / "adapters.safetensors" if adapter_path else None
+    return {"model_weights": sorted(sha256(f) for f in Path(model_dir).glob("*.safetensors")),
+            "adapters": sha256(adapters) if adapters else None,
+            "test": sha256(test_path), "dequantized": on_cpu(),
+            "device": str(mx.default_device())}
 
 
 def read_threshold(model_or_adapter_dir: Path) -> float:

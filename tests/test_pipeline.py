@@ -48,6 +48,40 @@ def test_fused_model_matches_base_plus_adapter(tmp_path, tiny_model, trained, da
     np.testing.assert_allclose(fused_logits, with_adapter, atol=5e-3)  # ...and fusing keeps it
 
 
+def test_fuse_reuses_the_evaluation_only_when_it_scored_the_same_weights(tmp_path, tiny_model,
+                                                                          trained, data_dir):
+    """--reuse: 04_evaluate's logits stand for the adapter side of the check, giving the very
+    figures of a check that computes both sides; an evaluation of other adapters is not used."""
+    rep = tmp_path / "reports"
+    r = run_script("04_evaluate.py", "--model", tiny_model, "--adapter-path", trained,
+                   "--data", data_dir, "--name", "retrained", "--out", rep)
+    assert r.returncode == 0, r.stderr
+    checks = {}
+    for how in ("computed", "reused"):
+        extra = ["--reuse", rep / "eval_retrained.json"] if how == "reused" else []
+        r = run_script("06_fuse.py", "--model", tiny_model, "--adapter-path", trained, "--save-path",
+                       tmp_path / how / "fused", "--data", data_dir, "--out", tmp_path / how,
+                       *extra)
+        assert r.returncode == 0, r.stderr
+        checks[how] = json.loads((tmp_path / how / "fuse_check.json").read_text())
+    assert "reused from" in r.stdout and checks["reused"].pop("adapter_side_reused")
+    assert not checks["computed"].pop("adapter_side_reused")
+    assert checks["reused"] == checks["computed"]
+
+    other = tmp_path / "other"  # an evaluation of other adapters must not be taken
+    other.mkdir()
+    for f in trained.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    weights = {k: v * 2 for k, v in mx.load(str(other / "adapters.safetensors")).items()}
+    mx.save_safetensors(str(other / "adapters.safetensors"), weights)
+    common.write_checksums(other, "scripts/03_train.py")
+    assert fuse_script.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, other,
+                                               data_dir / "test.jsonl", True) is None
+    assert fuse_script.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, trained,
+                                               data_dir / "test.jsonl", True) is not None
+
+
 def test_fuse_crash_leaves_the_previous_model(tmp_path, tiny_model, trained, data_dir, monkeypatch):
     fused = tmp_path / "fused"
     fused.mkdir()
