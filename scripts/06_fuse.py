@@ -94,7 +94,7 @@ def verify(model_dir: Path, adapter_path: Path, fused_dir: Path, messages: list[
         results[mode] = logits
         del model
     delta = np.abs(results["adapter"] - results["fused"])
-    verdicts = {m: (1 / (1 + np.exp(r[:, 1] - r[:, 0]))) > threshold for m, r in results.items()}
+    verdicts = {m: common.p_spam_of(r) > threshold for m, r in results.items()}
     return {
         "messages": len(messages),
         "max_abs_logit_delta": float(delta.max()),
