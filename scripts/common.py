@@ -317,12 +317,13 @@ def _ce_grad_kernel(fast_exp: bool):
 
 def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = CE_ROWS,
                             keep: int = CE_KEEP):
-    """cross_entropy(project(model, h), targets), per position, without ever holding the logits
-    of every position: forward and backward each go `rows` positions at a time, the backward
+    """cross_entropy(project(model, h), targets), per position, without keeping the logits of
+    every position alive: forward and backward each go `rows` positions at a time, the backward
     recomputing its chunk's logits (one more matrix product) instead of keeping (positions x
     49,152) floats, and their gradient, from one pass to the other. Gradient: h's only (the
     output layer is frozen here). A 4-bit output layer, or at most `keep` positions (whose
-    logits are small enough to keep), take the plain path."""
+    logits are small enough to keep), take the plain path. (MLX's CPU scheduler may still
+    allocate a few chunks' buffers before the first one runs: memory is bounded, not minimal.)"""
     weight = output_weight(model)
     if weight is None or h.size // h.shape[-1] <= keep:  # 4-bit, or small: plain autodiff
         return cross_entropy(project(model, h).astype(mx.float32), targets)
@@ -339,8 +340,8 @@ def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = C
         d = kernel(logits, out + picked, t[a:b], cotangent)  # lse = ce + picked
         return (d @ weight).astype(x.dtype)
 
-    def in_turn(piece_of):  # each chunk waits for the last one, so one chunk's logits at a time
-        pieces = []
+    def in_turn(piece_of):  # each chunk waits for the one before (mx.depends): fewer chunks'
+        pieces = []  # buffers are allocated at once (seed-config profile: HWM 1.16 -> 1.07 GB)
         for a, b in spans:
             rows = x[a:b] if not pieces else mx.depends(x[a:b], pieces[-1])
             pieces.append(piece_of(rows, a, b))

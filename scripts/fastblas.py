@@ -10,8 +10,8 @@ The same re-execution keeps glibc's malloc from handing large blocks back to the
 CPU backend allocates every array with malloc; glibc serves blocks over its (dynamic) mmap
 threshold with fresh pages and unmaps them on free, so each logits-sized temporary (tens of MB)
 is page-faulted in again at every step: measured here, an exp over 4M floats took 45 ms, 33 of
-them in the kernel, against 9 ms with the thresholds below (peak memory is unchanged: freed
-blocks are reused, not added to).
+them in the kernel, against 9 ms with the thresholds below. The price: memory freed by the
+process stays mapped until common.release_memory() trims it, so peak RSS can be higher.
 """
 
 from __future__ import annotations
