@@ -147,9 +147,11 @@ def clean(rows) -> list[dict]:
 
 
 def split(messages: list[dict], test_fraction: float, train_per_class: int,
-          valid_per_class: int, seed: int) -> dict[str, list[dict]]:
-    """Stratified test split at the natural ratio; balanced train/valid from the rest, and
-    train_all: every message that is in neither test nor valid."""
+          valid_per_class: int, seed: int, calibration_ham: int = 0) -> dict[str, list[dict]]:
+    """Stratified test split at the natural ratio; balanced train/valid from the rest;
+    calibration: more ham, outside train, so that valid + calibration is at about the natural
+    ratio (the threshold and the recipe are chosen on it, never on test); and train_all: every
+    message in none of test, valid, calibration."""
     rng = np.random.default_rng(seed)
     by_label = {lab: [m for m in messages if m["label"] == lab] for lab in ("ham", "spam")}
     test, rest = [], {}
@@ -158,18 +160,21 @@ def split(messages: list[dict], test_fraction: float, train_per_class: int,
         n_test = int(round(test_fraction * len(items)))
         test += [items[i] for i in order[:n_test]]
         rest[lab] = [items[i] for i in order[n_test:]]
-    train, valid, train_all = [], [], []
+    train, valid, train_all, calibration = [], [], [], []
     for lab, items in rest.items():
         need = valid_per_class + train_per_class
-        if len(items) < need:
+        extra = calibration_ham if lab == "ham" else 0
+        if len(items) < need + extra:
             raise UserError(f"only {len(items)} {lab} messages left after the test split; "
-                            f"need {need} (lower --train-per-class/--valid-per-class)")
+                            f"need {need + extra} (lower --train-per-class/--valid-per-class"
+                            f"{'/--calibration-ham' if extra else ''})")
         valid += items[:valid_per_class]
         train += items[valid_per_class:need]
-        train_all += items[valid_per_class:]
+        calibration += items[need:need + extra]
+        train_all += items[valid_per_class:need] + items[need + extra:]
     shuffled = {}
     for name, rows in (("train", train), ("valid", valid), ("test", test),
-                       ("train_all", train_all)):
+                       ("train_all", train_all), ("calibration", calibration)):
         shuffled[name] = [rows[i] for i in rng.permutation(len(rows))]
     return shuffled
 
@@ -190,11 +195,14 @@ def to_line(m: dict) -> dict:
 
 
 def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
-            valid_per_class=80, seed=42, supplement: Path | None = common.SUPPLEMENT) -> dict:
+            valid_per_class=80, seed=42, supplement: Path | None = common.SUPPLEMENT,
+            calibration_ham: int = 480) -> dict:
     if not 0 < test_fraction < 1:
         raise UserError("--test-fraction must be between 0 and 1")
     if train_per_class <= 0 or valid_per_class <= 0:
         raise UserError("--train-per-class and --valid-per-class must be positive")
+    if calibration_ham < 0:
+        raise UserError("--calibration-ham must be 0 or more")
     if source == "hf":
         rows, origin = read_hf(), "hf:ucirvine/sms_spam"
     else:
@@ -202,7 +210,8 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
         rows, origin = read_rows(path), str(path.name)
     raw_rows = len(rows)
     messages = clean(rows)
-    splits = split(messages, test_fraction, train_per_class, valid_per_class, seed)
+    splits = split(messages, test_fraction, train_per_class, valid_per_class, seed,
+                   calibration_ham)
     extra = []
     if supplement is not None:
         extra = read_supplement(Path(supplement), {dedupe_key(m["message"]) for m in messages})
@@ -236,18 +245,21 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=400,
                    help="messages per class in train.jsonl (the tutorial's balanced set)")
     p.add_argument("--valid-per-class", type=int, default=80)
+    p.add_argument("--calibration-ham", type=int, default=480,
+                   help="ham messages held out beside valid.jsonl (calibration.jsonl) so the two "
+                        "together are at the natural ratio: the threshold is chosen on them")
     p.add_argument("--supplement", default=str(common.SUPPLEMENT),
                    help="extra training messages added to train_all.jsonl only ('none' to skip)")
     args = p.parse_args(argv)
     supplement = None if args.supplement == "none" else Path(args.supplement)
     m = prepare(args.source, args.out, args.test_fraction, args.train_per_class,
-                args.valid_per_class, args.seed, supplement)
+                args.valid_per_class, args.seed, supplement, args.calibration_ham)
     print(f"{m['distinct_messages']} distinct messages from {m['source']} (seed {m['seed']})")
     for name, c in m["counts"].items():
-        print(f"  {name:5s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
+        print(f"  {name:11s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
     if m["supplement"]:
         print(f"  + {m['supplement']['messages']} messages of {m['supplement']['file']} in train_all")
-    print(f"wrote {args.out}/{{train,train_all,valid,test}}.jsonl and split.json")
+    print(f"wrote {args.out}/{{train,train_all,valid,calibration,test}}.jsonl and split.json")
 
 
 if __name__ == "__main__":

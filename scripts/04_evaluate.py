@@ -42,28 +42,6 @@ def token_metrics(model, tokenizer, rows: list[dict]) -> dict:
             "tokens": count}
 
 
-def classifier_metrics(is_spam: np.ndarray, p_spam: np.ndarray, threshold: float) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    pred = p_spam > threshold
-    tp = int(np.sum(pred & is_spam))
-    fp = int(np.sum(pred & ~is_spam))
-    fn = int(np.sum(~pred & is_spam))
-    tn = int(np.sum(~pred & ~is_spam))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    both = len(set(is_spam.tolist())) == 2
-    return {
-        "messages": int(len(is_spam)), "threshold": threshold,
-        "accuracy": (tp + tn) / len(is_spam), "precision": precision, "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "roc_auc": float(roc_auc_score(is_spam, p_spam)) if both else None,
-        "ham_false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
-        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "wrong": {"ham_flagged": fp, "spam_missed": fn},
-    }
-
-
 def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: str,
              out_dir: Path, batch_size: int = 32, trust_remote_code: bool = False) -> dict:
     common.require_model(model_dir, adapter_path)
@@ -83,7 +61,7 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
     result = {
         "name": name, "model": str(model_dir),
         "adapter_path": str(adapter_path) if adapter_path else None,
-        "fixed_messages": lm, "test": classifier_metrics(is_spam, probs, threshold),
+        "fixed_messages": lm, "test": common.classifier_metrics(is_spam, probs, threshold),
         "seconds": seconds,
         # what the scores were computed from, so that 06_fuse can reuse them as its adapter side
         "scored": common.scoring_provenance(model_dir, adapter_path, test_path),
@@ -125,7 +103,7 @@ def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict
         stress_misses = int(np.sum(stress_pred != np.array([r["label"] == "spam" for r in stress])))
         result = {"name": name, "model": f"scikit-learn {type(clf).__name__}",
                   "train_file": train_file, "fixed_messages": None,
-                  "test": classifier_metrics(is_spam, np.asarray(score), threshold),
+                  "test": common.classifier_metrics(is_spam, np.asarray(score), threshold),
                   "stress_misses": stress_misses, "stress_messages": len(stress)}
         common.atomic_write_json(out_dir / f"eval_{name}.json", result)
         results.append(result)

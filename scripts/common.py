@@ -595,6 +595,29 @@ def p_spam_of(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))
 
 
+def classifier_metrics(is_spam: np.ndarray, p_spam: np.ndarray, threshold: float) -> dict:
+    """Verdict = P(spam) > threshold; the figures every report shows."""
+    from sklearn.metrics import roc_auc_score
+
+    pred = p_spam > threshold
+    tp = int(np.sum(pred & is_spam))
+    fp = int(np.sum(pred & ~is_spam))
+    fn = int(np.sum(~pred & is_spam))
+    tn = int(np.sum(~pred & ~is_spam))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    both = len(set(is_spam.tolist())) == 2
+    return {
+        "messages": int(len(is_spam)), "threshold": threshold,
+        "accuracy": (tp + tn) / len(is_spam), "precision": precision, "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "roc_auc": float(roc_auc_score(is_spam, p_spam)) if both else None,
+        "ham_false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "wrong": {"ham_flagged": fp, "spam_missed": fn},
+    }
+
+
 def scoring_provenance(model_dir: Path, adapter_path: Path | None, test_path: Path) -> dict:
     """What a set of test-split logits depends on: the weights (by checksum), the messages and
     whether the model ran de-quantized. Two equal records mean the same logits."""

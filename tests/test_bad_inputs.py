@@ -98,6 +98,8 @@ def test_a_directory_as_the_dataset(tmp_path, previous, capsys):
     (["--train-per-class", "-5"], "positive"),
     (["--valid-per-class", "0"], "positive"),
     (["--train-per-class", "99999"], "need"),
+    (["--calibration-ham", "-1"], "0 or more"),
+    (["--calibration-ham", "99999"], "--calibration-ham"),
 ])
 def test_bad_counts(previous, capsys, flags, needle):
     before = snapshot(previous)

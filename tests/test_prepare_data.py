@@ -18,7 +18,10 @@ def test_split_counts_match_the_collection(tmp_path):
     assert m["counts"]["train"] == {"ham": 400, "spam": 400}
     assert m["counts"]["valid"] == {"ham": 80, "spam": 80}
     assert m["counts"]["test"] == {"ham": 903, "spam": 128}  # 20% of 4,517 ham and 642 spam
-    assert set(m["sha256"]) == {"train", "valid", "test", "train_all"}
+    assert m["counts"]["calibration"] == {"ham": 480, "spam": 0}
+    assert set(m["sha256"]) == {"train", "valid", "test", "train_all", "calibration"}
+    # valid + calibration (560 ham, 80 spam) are at the test split's ratio, within 1%
+    assert abs((80 + 480) / 80 - 903 / 128) / (903 / 128) < 0.01
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
@@ -26,14 +29,16 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     prep.prepare("shipped", a)
     prep.prepare("shipped", b)
     keys = {}
-    for split in ("train", "train_all", "valid", "test"):
+    names = ("train", "train_all", "valid", "calibration", "test")
+    for split in names:
         assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
         keys[split] = {prep.dedupe_key(r["message"]) for r in common.read_jsonl(a / f"{split}.jsonl")}
-    assert not keys["train_all"] & keys["valid"]
-    assert not keys["train_all"] & keys["test"]
-    assert not keys["train"] & keys["valid"]
-    assert not keys["train"] & keys["test"]
-    assert not keys["valid"] & keys["test"]
+    held_out = ("valid", "calibration", "test")  # each apart from every other split
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            if x in held_out or y in held_out:
+                assert not keys[x] & keys[y], (x, y)
+    assert keys["train"] <= keys["train_all"]
     other = tmp_path / "seed7"
     prep.prepare("shipped", other, seed=7)
     assert (other / "test.jsonl").read_bytes() != (a / "test.jsonl").read_bytes()
@@ -48,9 +53,9 @@ def test_lines_carry_the_tutorial_format(tmp_path):
         "\nClassification: not spam")
 
 
-def test_train_all_is_every_message_outside_test_and_valid(tmp_path):
+def test_train_all_is_every_message_outside_test_valid_and_calibration(tmp_path):
     m = prep.prepare("shipped", tmp_path, supplement=None)
-    assert m["counts"]["train_all"] == {"ham": 4517 - 903 - 80, "spam": 642 - 128 - 80}
+    assert m["counts"]["train_all"] == {"ham": 4517 - 903 - 80 - 480, "spam": 642 - 128 - 80}
     train = {r["message"] for r in common.read_jsonl(tmp_path / "train.jsonl")}
     train_all = {r["message"] for r in common.read_jsonl(tmp_path / "train_all.jsonl")}
     assert train <= train_all
@@ -67,7 +72,7 @@ def test_supplement_goes_to_train_all_only(tmp_path):
     assert m["supplement"]["messages"] == 1  # the copy of a test message is dropped
     rows = common.read_jsonl(tmp_path / "b" / "train_all.jsonl")
     assert sum(r["message"].startswith("Your Evri parcel") for r in rows) == 1
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "calibration", "test"):
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == \
             (tmp_path / "b" / f"{split}.jsonl").read_bytes()
 

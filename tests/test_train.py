@@ -82,11 +82,14 @@ def test_completion_loss_only_counts_the_label_tokens(tiny_model):
     assert n_all.item() == sum(len(ids) - 1 for ids, _ in ex)
 
 
-@pytest.mark.parametrize("completion_only,remat", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("completion_only,remat,share", [
+    (True, False, False), (False, False, False), (False, True, False),
+    (True, False, True), (False, False, True), (True, True, True)])
 def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, monkeypatch,
-                                                                    completion_only, remat):
+                                                                    completion_only, remat, share):
     """Starting the forward pass at the first LoRA block from cached states changes nothing;
-    nor does recomputing the blocks in the backward pass (mx.checkpoint, for long batches)."""
+    nor does recomputing the blocks in the backward pass (mx.checkpoint, for long batches);
+    nor does computing the prompt's opening once for the whole batch (share)."""
     if remat:
         monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 0)
     path = tiny.make_tiny_model(tmp_path / "m", num_hidden_layers=4)
@@ -103,7 +106,9 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, mo
     idx = [2, 0, 3]
     vg = nn.value_and_grad(model, train.loss_fn)
     (plain, n1), g1 = vg(model, *train.collate(ex, idx), completion_only)
-    (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2)
+    shared = frozen.shared if share else 0
+    assert frozen.shared == len(common.prompt_prefix_ids(tok))  # "...\nMessage:"
+    (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2, shared)
     assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
@@ -151,6 +156,17 @@ def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
                           mx.load(str(ad / "final_adapters.safetensors"))["model.layers.1.mlp.up_proj.lora_b"])
     from mlx_lm import load
     load(str(tiny_model), adapter_path=str(ad))
+    # the threshold is chosen on valid + calibration (560 ham, 80 spam: the natural ratio), and
+    # the figures recorded for it are those of the shipped adapter on those messages
+    t = json.loads((ad / "threshold.json").read_text())
+    assert t["chosen_on"] == "valid.jsonl + calibration.jsonl"
+    assert abs(t["ham_weight"] - (903 / 128) / (560 / 80)) < 1e-9
+    rows = common.read_jsonl(data_dir / "valid.jsonl") + common.read_jsonl(data_dir / "calibration.jsonl")
+    p = common.p_spam(*common.load_model(tiny_model, ad), [r["message"] for r in rows])
+    want = common.classifier_metrics(np.array([r["label"] == "spam" for r in rows]), p,
+                                     t["threshold"])
+    assert t["held_out"]["messages"] == 640 and t["held_out"]["confusion"] == want["confusion"]
+    assert abs(t["held_out"]["roc_auc"] - want["roc_auc"]) < 1e-3
 
 
 def test_same_seed_same_adapter(tmp_path, tiny_model, data_dir):
