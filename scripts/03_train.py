@@ -45,6 +45,9 @@ class TrainConfig:
     balance: str = field(default="none", metadata={
         "help": "none (length-bucketed batches) | label (half spam, half ham) | group (evenly "
                 "from each source x label: collection/modern supplement x spam/ham)"})
+    supplement_repeats: int = field(default=1, metadata={
+        "help": "times each message of the modern supplement (rows with a 'source') is in the "
+                "training rows: > 1 weighs today's texts more against the 2011 collection"})
     adapter_path: str = field(default=str(common.ADAPTERS_DIR), metadata={"help": "output folder"})
     seed: int = field(default=42, metadata={"help": "seeds init, dropout and batch order"})
     num_layers: int = field(default=16, metadata={"help": "LoRA on the last N blocks"})
@@ -72,6 +75,7 @@ class TrainConfig:
             (self.num_layers > 0, "num_layers must be positive"),
             (self.lora_rank > 0, "lora_rank must be positive"),
             (self.batch_size > 0, "batch_size must be positive"),
+            (self.supplement_repeats > 0, "supplement_repeats must be positive"),
             (self.iters > 0, "iters must be positive"),
             (self.learning_rate > 0, "learning_rate must be positive"),
             (self.steps_per_eval > 0 and self.steps_per_report > 0 and self.steps_per_save > 0,
@@ -742,6 +746,7 @@ def main(argv=None):
     for split in (cfg.train_file, "valid.jsonl"):
         common.require(data / split, split, "scripts/02_prepare_data.py")
     train_rows = common.read_split(data / cfg.train_file)
+    train_rows += [r for r in train_rows if "source" in r] * (cfg.supplement_repeats - 1)
     valid_rows = common.read_split(data / "valid.jsonl")
     calibration = data / "calibration.jsonl"  # optional: more held-out ham for the threshold
     calibration_rows = common.read_split(calibration) if calibration.is_file() else []

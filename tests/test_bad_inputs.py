@@ -179,6 +179,7 @@ CONFIGS = {
     "batch size zero": (b"batch_size: 0\n", "batch_size must be positive"),
     "negative learning rate": (b"learning_rate: -1.0e-4\n", "learning_rate must be positive"),
     "rank zero": (b"lora_rank: 0\n", "lora_rank must be positive"),
+    "no supplement": (b"supplement_repeats: 0\n", "supplement_repeats must be positive"),
     "float for an int": (b"iters: 1.5\n", "iters: expected int"),
     "bool for an int": (b"iters: true\n", "iters: expected int"),
     "unknown schedule": (b"lr_schedule: linear\n", "lr_schedule must be"),

@@ -169,6 +169,19 @@ def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
     assert abs(t["held_out"]["roc_auc"] - want["roc_auc"]) < 1e-3
 
 
+def test_supplement_repeats_weighs_the_modern_messages(tmp_path, tiny_model, data_dir):
+    """train_all.jsonl: 3,488 collection + 400 supplement rows; with 3 repeats each supplement
+    message is in the training rows three times."""
+    r = run_script("03_train.py", "--model", tiny_model, "--data", data_dir, "--adapter-path",
+                   tmp_path / "ad", "--reports", tmp_path / "rep", "--iters", "2",
+                   "--num-layers", "2", "--train-file", "train_all.jsonl",
+                   "--supplement-repeats", "3")
+    assert r.returncode == 0, r.stderr
+    assert "Training: 4688 messages" in r.stdout  # 3,888 + 2 x 400
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert saved["supplement_repeats"] == 3
+
+
 def test_same_seed_same_adapter(tmp_path, tiny_model, data_dir):
     outs = []
     for name in ("a", "b"):
