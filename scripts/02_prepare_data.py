@@ -180,10 +180,25 @@ def split(messages: list[dict], test_fraction: float, train_per_class: int,
 
 
 def read_supplement(path: Path, known: set[str]) -> list[dict]:
-    """Extra training messages (data/modern_sms.jsonl): only ever added to train_all, and
-    dropped where they repeat a message of the collection."""
+    """Extra messages (data/modern_sms.jsonl), dropped where they repeat a message of the
+    collection: added to train_all, but for those held out in valid_modern."""
     rows = clean(read_rows(path))
     return [{**r, "source": path.stem} for r in rows if dedupe_key(r["message"]) not in known]
+
+
+def hold_out(rows: list[dict], per_label: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(held out: per_label of each label, the rest), drawn with the seed."""
+    rng = np.random.default_rng([seed, 1])
+    held, rest = [], []
+    for lab in ("ham", "spam"):
+        items = [r for r in rows if r["label"] == lab]
+        order = rng.permutation(len(items))
+        if len(items) < per_label:
+            raise UserError(f"the supplement has only {len(items)} {lab} messages; "
+                            f"--supplement-holdout asks for {per_label}")
+        held += [items[i] for i in order[:per_label]]
+        rest += [items[i] for i in order[per_label:]]
+    return held, rest
 
 
 def to_line(m: dict) -> dict:
@@ -196,13 +211,13 @@ def to_line(m: dict) -> dict:
 
 def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
             valid_per_class=80, seed=42, supplement: Path | None = common.SUPPLEMENT,
-            calibration_ham: int = 480) -> dict:
+            calibration_ham: int = 480, supplement_holdout: int = 50) -> dict:
     if not 0 < test_fraction < 1:
         raise UserError("--test-fraction must be between 0 and 1")
     if train_per_class <= 0 or valid_per_class <= 0:
         raise UserError("--train-per-class and --valid-per-class must be positive")
-    if calibration_ham < 0:
-        raise UserError("--calibration-ham must be 0 or more")
+    if calibration_ham < 0 or supplement_holdout < 0:
+        raise UserError("--calibration-ham and --supplement-holdout must be 0 or more")
     if source == "hf":
         rows, origin = read_hf(), "hf:ucirvine/sms_spam"
     else:
@@ -212,10 +227,12 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     messages = clean(rows)
     splits = split(messages, test_fraction, train_per_class, valid_per_class, seed,
                    calibration_ham)
-    extra = []
+    extra, splits["valid_modern"] = [], []
     if supplement is not None:
         extra = read_supplement(Path(supplement), {dedupe_key(m["message"]) for m in messages})
-        rows = splits["train_all"] + extra
+        held, rest = hold_out(extra, supplement_holdout, seed)
+        splits["valid_modern"] = [held[i] for i in np.random.default_rng(seed).permutation(len(held))]
+        rows = splits["train_all"] + rest
         splits["train_all"] = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
     out = Path(out)
     for name, rows in splits.items():
@@ -225,7 +242,8 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     manifest = {
         "source": origin, "raw_rows": raw_rows, "seed": seed, "test_fraction": test_fraction,
         "distinct_messages": len(messages), "counts": counts,
-        "supplement": {"file": Path(supplement).name, "messages": len(extra)} if supplement else None,
+        "supplement": {"file": Path(supplement).name, "messages": len(extra),
+                       "held_out": len(splits["valid_modern"])} if supplement else None,
         "sha256": {name: common.sha256(out / f"{name}.jsonl")
                    for name in splits},
     }
@@ -249,17 +267,25 @@ def main(argv=None):
                    help="ham messages held out beside valid.jsonl (calibration.jsonl) so the two "
                         "together are at the natural ratio: the threshold is chosen on them")
     p.add_argument("--supplement", default=str(common.SUPPLEMENT),
-                   help="extra training messages added to train_all.jsonl only ('none' to skip)")
+                   help="modern messages for train_all.jsonl and valid_modern.jsonl ('none' to "
+                        "skip)")
+    p.add_argument("--supplement-holdout", type=int, default=50,
+                   help="supplement messages of each label held out in valid_modern.jsonl (the "
+                        "recipe and threshold are chosen on them too, never trained on)")
     args = p.parse_args(argv)
     supplement = None if args.supplement == "none" else Path(args.supplement)
     m = prepare(args.source, args.out, args.test_fraction, args.train_per_class,
-                args.valid_per_class, args.seed, supplement, args.calibration_ham)
+                args.valid_per_class, args.seed, supplement, args.calibration_ham,
+                args.supplement_holdout)
     print(f"{m['distinct_messages']} distinct messages from {m['source']} (seed {m['seed']})")
     for name, c in m["counts"].items():
-        print(f"  {name:11s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
+        print(f"  {name:12s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
     if m["supplement"]:
-        print(f"  + {m['supplement']['messages']} messages of {m['supplement']['file']} in train_all")
-    print(f"wrote {args.out}/{{train,train_all,valid,calibration,test}}.jsonl and split.json")
+        held = m["supplement"]["held_out"]
+        print(f"  + {m['supplement']['messages'] - held} messages of {m['supplement']['file']} in "
+              f"train_all, {held} in valid_modern")
+    print(f"wrote {args.out}/{{train,train_all,valid,calibration,valid_modern,test}}.jsonl "
+          "and split.json")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ def test_a_directory_as_the_dataset(tmp_path, previous, capsys):
     (["--train-per-class", "99999"], "need"),
     (["--calibration-ham", "-1"], "0 or more"),
     (["--calibration-ham", "99999"], "--calibration-ham"),
+    (["--supplement-holdout", "-1"], "0 or more"),
+    (["--supplement-holdout", "500"], "--supplement-holdout asks for 500"),
 ])
 def test_bad_counts(previous, capsys, flags, needle):
     before = snapshot(previous)

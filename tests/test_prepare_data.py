@@ -19,7 +19,10 @@ def test_split_counts_match_the_collection(tmp_path):
     assert m["counts"]["valid"] == {"ham": 80, "spam": 80}
     assert m["counts"]["test"] == {"ham": 903, "spam": 128}  # 20% of 4,517 ham and 642 spam
     assert m["counts"]["calibration"] == {"ham": 480, "spam": 0}
-    assert set(m["sha256"]) == {"train", "valid", "test", "train_all", "calibration"}
+    assert m["counts"]["valid_modern"] == {"ham": 50, "spam": 50}
+    assert m["counts"]["train_all"] == {"ham": 3204, "spam": 584}  # 150 + 150 modern of them
+    assert set(m["sha256"]) == {"train", "valid", "test", "train_all", "calibration",
+                                "valid_modern"}
     # valid + calibration (560 ham, 80 spam) are at the test split's ratio, within 1%
     assert abs((80 + 480) / 80 - 903 / 128) / (903 / 128) < 0.01
 
@@ -29,11 +32,11 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     prep.prepare("shipped", a)
     prep.prepare("shipped", b)
     keys = {}
-    names = ("train", "train_all", "valid", "calibration", "test")
+    names = ("train", "train_all", "valid", "calibration", "valid_modern", "test")
     for split in names:
         assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
         keys[split] = {prep.dedupe_key(r["message"]) for r in common.read_jsonl(a / f"{split}.jsonl")}
-    held_out = ("valid", "calibration", "test")  # each apart from every other split
+    held_out = ("valid", "calibration", "valid_modern", "test")  # apart from every other split
     for i, x in enumerate(names):
         for y in names[i + 1:]:
             if x in held_out or y in held_out:
@@ -61,17 +64,28 @@ def test_train_all_is_every_message_outside_test_valid_and_calibration(tmp_path)
     assert train <= train_all
 
 
-def test_supplement_goes_to_train_all_only(tmp_path):
+def test_supplement_goes_to_train_all_and_valid_modern_only(tmp_path):
     prep.prepare("shipped", tmp_path / "a", supplement=None)
     test_msg = common.read_jsonl(tmp_path / "a" / "test.jsonl")[0]["message"]
     extra = tmp_path / "extra.jsonl"
     extra.write_text(json.dumps({"text": "Your Evri parcel fee is due: evri-fee.top",
                                  "label": "spam"}) + "\n"
                      + json.dumps({"text": test_msg.upper(), "label": "ham"}) + "\n")
-    m = prep.prepare("shipped", tmp_path / "b", supplement=extra)
+    m = prep.prepare("shipped", tmp_path / "b", supplement=extra, supplement_holdout=0)
     assert m["supplement"]["messages"] == 1  # the copy of a test message is dropped
     rows = common.read_jsonl(tmp_path / "b" / "train_all.jsonl")
     assert sum(r["message"].startswith("Your Evri parcel") for r in rows) == 1
+    assert common.read_jsonl(tmp_path / "b" / "valid_modern.jsonl") == []
+    with extra.open("a") as f:
+        f.write(json.dumps({"text": "Your Royal Mail parcel is out for delivery today",
+                            "label": "ham"}) + "\n")
+    prep.prepare("shipped", tmp_path / "c", supplement=extra, supplement_holdout=1)
+    held = common.read_jsonl(tmp_path / "c" / "valid_modern.jsonl")  # one of each label
+    assert sorted(r["label"] for r in held) == ["ham", "spam"]
+    assert not any(r["message"].startswith("Your Royal Mail") for r in
+                   common.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
+    assert not any(r["message"].startswith("Your Evri") for r in
+                   common.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
     for split in ("train", "valid", "calibration", "test"):
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == \
             (tmp_path / "b" / f"{split}.jsonl").read_bytes()
