@@ -128,6 +128,18 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
         md.append(f"{history['iterations_run']} iterations in {history['train_seconds']:.0f} s; "
                   f"best validation loss {best.get('val_loss', float('nan')):.3f} at iteration "
                   f"{best.get('iteration')}.")
+        held = history.get("held_out")
+        if held:
+            line = (f"Threshold {history['threshold']['threshold']:.3f} chosen on {held['on']} "
+                    f"({held['messages']} held-out messages, never trained on): accuracy "
+                    f"{pct(held['accuracy'])}, spam F1 {num(held['f1'])}, ROC-AUC "
+                    f"{num(held['roc_auc'], '.4f')}, {held['wrong']['ham_flagged']} ham flagged, "
+                    f"{held['wrong']['spam_missed']} spam missed")
+            if "modern" in held:
+                m = held["modern"]
+                line += (f"; of the {m['messages']} modern ones {m['wrong']['ham_flagged']} ham "
+                         f"flagged, {m['wrong']['spam_missed']} spam missed")
+            md += ["", line + "."]
         md += ["", "![loss curve](loss_curve.png)", "", "## Diagnosis", ""]
         found = set(history["diagnosis"])
         for key, what in (("loss explosion", "loss explosion (NaN/Inf)"),

@@ -129,10 +129,15 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     assert len(boss) == 5 and all(x["verdict"] in ("spam", "ham") for x in boss)
     assert f"{stress['messages'] - stress['misses']}/80 correct" in r.stdout
 
+    (rep / "train_history.json").write_bytes(
+        (trained.parent / "reports" / "train_history.json").read_bytes())
     r = run_script("report.py", "--reports", rep)
     assert r.returncode == 0, r.stderr
     md = (rep / "report.md").read_text()
     assert "| baseline |" in md and "| retrained |" in md and "boss-5" in md
+    held = json.loads((trained / "threshold.json").read_text())["held_out"]
+    assert (f"(740 held-out messages, never trained on): accuracy {100 * held['accuracy']:.2f}%"
+            in md and "of the 100 modern ones" in md)
     assert (rep / "scores_retrained.png").stat().st_size > 10_000 and "scores_retrained.png" in md
 
     src = tmp_path / "in.jsonl"
