@@ -442,16 +442,16 @@ def restore_checkpoint(folder: Path, state: dict, model, optimizer, run_dir: Pat
 
 
 def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: Path, log=print,
-          resume: tuple[Path, dict] | None = None, calibration_rows=()):
+          resume: tuple[Path, dict] | None = None, held_out_rows=()):
     """Train LoRA adapters into run_dir; returns the history (losses, timings, diagnosis) and
-    the shipped adapter's P(spam) of each validation message, then of each calibration message
-    (held-out messages scored only at the end, to choose the threshold on).
+    the shipped adapter's P(spam) of each validation message, then of each held_out_rows
+    message (scored only at the end, to choose the threshold on).
 
     resume: (checkpoint folder, its state) of an interrupted run, which continues from there."""
     mx.random.seed(cfg.seed)
     completion_only = cfg.loss == "completion"
     train_ex = tokenize(tokenizer, train_rows, cfg.max_seq_length)
-    select_ex = tokenize(tokenizer, list(valid_rows) + list(calibration_rows), cfg.max_seq_length)
+    select_ex = tokenize(tokenizer, list(valid_rows) + list(held_out_rows), cfg.max_seq_length)
     valid_ex = select_ex[: len(valid_rows)]
     batches = make_batches(train_ex, cfg.batch_size)
     if not batches:
@@ -496,7 +496,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         val_frozen = FrozenStates(model, select_ex, first)
         release_blocks(model, first)
         log(f"Frozen blocks 0-{first - 1}: their output for {len(visited)} training and "
-            f"{len(select_ex)} validation and calibration messages computed once "
+            f"{len(select_ex)} validation and held-out messages computed once "
             f"({(train_frozen.nbytes + val_frozen.nbytes) / 1e6:.0f} MB, "
             f"{time.perf_counter() - tic:.1f}s)")
     train_first, shared = (first, train_frozen.shared) if train_frozen is not None else (0, 0)
@@ -578,7 +578,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         probs = cached_p_spam(model, tokenizer, select_ex, val_frozen)
     else:
         probs = common.p_spam(model, tokenizer, [r["message"]
-                                                 for r in list(valid_rows) + list(calibration_rows)])
+                                                 for r in list(valid_rows) + list(held_out_rows)])
     return history, probs
 
 
@@ -753,8 +753,8 @@ def main(argv=None):
     valid_rows = common.read_split(data / "valid.jsonl")
     # optional, held out beside valid.jsonl for the threshold and the figures it is chosen by:
     # more collection ham (natural ratio) and modern messages (never trained on)
-    held_out = [f for f in HELD_OUT if (data / f).is_file()]
-    calibration_rows = [r for f in held_out for r in common.read_split(data / f)]
+    held_out_files = [f for f in HELD_OUT if (data / f).is_file()]
+    held_out_rows = [r for f in held_out_files for r in common.read_split(data / f)]
     model, tokenizer = common.load_model(Path(cfg.model), trust_remote_code=trust)
     n_base = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_lora = add_lora(model, cfg)
@@ -777,13 +777,13 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, raise_interrupt)
     tic = time.perf_counter()
     history, probs = train(model, tokenizer, train_rows, valid_rows, cfg, run_dir,
-                           resume=checkpoint, calibration_rows=calibration_rows)
+                           resume=checkpoint, held_out_rows=held_out_rows)
     history["train_seconds"] = time.perf_counter() - tic
     shutil.copy(run_dir / f"{cfg.ship}_adapters.safetensors",
                 run_dir / "adapters.safetensors")  # the file mlx-lm loads
     common.atomic_write_json(run_dir / "adapter_config.json", adapter_config(cfg))
-    select_rows = valid_rows + calibration_rows
-    chosen_on = " + ".join(["valid.jsonl", *held_out])
+    select_rows = valid_rows + held_out_rows
+    chosen_on = " + ".join(["valid.jsonl", *held_out_files])
     is_spam = np.array([r["label"] == "spam" for r in select_rows])
     ham_weight = natural_ratio(data) / (np.sum(~is_spam) / max(np.sum(is_spam), 1))
     chosen = choose_threshold(probs, is_spam, ham_weight)
