@@ -55,7 +55,7 @@ export VENV=/tmp/venv
 
 timeout "${E2E_S:-300}" python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json" > "$OUT/e2e.log" 2>&1
 echo "e2e exit $?" >> "$OUT/e2e.log"
-tail -n 40 "$OUT/e2e.log"
+grep -v "^Iter" "$OUT/e2e.log" | tail -n 40
 cp reports/report.md "$OUT/" 2>/dev/null
 part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: skip it)
   local seconds="$1" name="$2"; shift 2
