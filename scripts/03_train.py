@@ -222,13 +222,11 @@ class FrozenStates:
     def nbytes(self) -> int:
         return self.packed.nbytes
 
-    def gather(self, idx, width: int | None = None) -> mx.array:
-        """(batch, width, hidden) states of examples idx, right-padded with zeros (default
-        width: the longest, rounded up as common.pad_batch rounds)."""
+    def gather(self, idx) -> mx.array:
+        """(batch, longest, hidden) states of examples idx, right-padded with zeros."""
         assert self.cached[idx].all(), "asked for states that were not computed"
         lens = self.lengths[idx]
-        width = width or common.round_up(int(lens.max()), common.pad_multiple())
-        index = np.full((len(idx), width), self.pad_row, dtype=np.int64)
+        index = np.full((len(idx), int(lens.max())), self.pad_row, dtype=np.int64)
         for row, (i, n) in enumerate(zip(idx, lens)):
             index[row, :n] = np.arange(self.offsets[i], self.offsets[i] + n)
         return self.packed[mx.array(index.astype(np.int32))]
@@ -317,7 +315,7 @@ def collate(examples, idx, frozen: FrozenStates | None = None):
     seqs = [examples[i][0] for i in idx]
     ids, lengths = common.pad_batch(seqs)
     starts = np.array([examples[i][1] for i in idx], dtype=np.int32)
-    states = frozen.gather(np.asarray(idx), ids.shape[1] - 1) if frozen is not None else None
+    states = frozen.gather(np.asarray(idx)) if frozen is not None else None
     return mx.array(ids), mx.array(lengths), mx.array(starts), states
 
 

@@ -509,33 +509,10 @@ def label_logits(model, h: mx.array, token_ids: list[int]) -> mx.array:
     return h @ weight[mx.array(token_ids)].T
 
 
-PAD_MULTIPLE_ENV = "SMS_LORA_PAD_MULTIPLE"
-
-
-def pad_multiple() -> int:
-    """Batches are padded to a length that is a multiple of this: 1 on a CPU, where padding is
-    work; 32 on a GPU, as mlx-lm pads, so that a run meets a handful of shapes instead of one per
-    length (each new shape costs MLX's CUDA backend new kernels, attention plans and graphs).
-    SMS_LORA_PAD_MULTIPLE=N sets it."""
-    value = os.environ.get(PAD_MULTIPLE_ENV, "")
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise UserError(f"{PAD_MULTIPLE_ENV} must be a positive integer, not {value!r}")
-        return int(value)
-    return 1 if on_cpu() else 32
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int = 0,
-              multiple: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids and lengths, the width rounded up to `multiple` (default pad_multiple()).
-    A causal model never looks right, so no mask is needed."""
+def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids and lengths. A causal model never looks right, so no mask is needed."""
     lengths = np.array([len(s) for s in seqs], dtype=np.int32)
-    width = round_up(int(lengths.max()), pad_multiple() if multiple is None else multiple)
-    out = np.full((len(seqs), width), pad_id, dtype=np.int32)
+    out = np.full((len(seqs), int(lengths.max())), pad_id, dtype=np.int32)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return out, lengths
