@@ -28,12 +28,10 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi -L
   python3 -c 'import sys; print(sys.version)'
-  # What a step's start costs: the imports every step makes (as a new process would), twice.
+  # What a step's start costs: the imports every step makes (as a new process would).
   TIMEFORMAT="import common + mlx_lm + first op: %R s wall"
-  for _ in 1 2; do
-    time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common, mlx_lm.utils
+  time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common, mlx_lm.utils
 import mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch imported:", "torch" in sys.modules)'
-  done
   python3 - <<'EOF'
 import time, mlx.core as mx
 print("mlx", mx.__version__, mx.default_device())
@@ -59,11 +57,13 @@ timeout "${E2E_S:-300}" python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json" > 
 echo "e2e exit $?" >> "$OUT/e2e.log"
 grep -v "^Iter" "$OUT/e2e.log" | tail -n 40
 cp reports/report.md "$OUT/" 2>/dev/null
-timeout "${TRAIN_S:-150}" python3 benchmarks/train.py --iters 100 --mlx-lm-iters 100 \
-  --out "$OUT/bench_train.json" > "$OUT/train.log" 2>&1
-echo "train exit $?" >> "$OUT/train.log"
-tail -n 15 "$OUT/train.log"
-timeout "${SCORE_S:-100}" python3 benchmarks/score.py --out "$OUT/bench_score.json" \
-  > "$OUT/score.log" 2>&1
-echo "score exit $?" >> "$OUT/score.log"
-tail -n 15 "$OUT/score.log"
+part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: skip it)
+  local seconds="$1" name="$2"; shift 2
+  [ "$seconds" = 0 ] && return
+  timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name exit $?" >> "$OUT/$name.log"
+  tail -n 15 "$OUT/$name.log"
+}
+part "${TRAIN_S:-150}" train python3 benchmarks/train.py --iters "${TRAIN_ITERS:-100}" \
+  --mlx-lm-iters "${TRAIN_ITERS:-100}" --out "$OUT/bench_train.json"
+part "${SCORE_S:-100}" score python3 benchmarks/score.py --out "$OUT/bench_score.json"
