@@ -206,21 +206,47 @@ class FrozenStates:
         self.cached[indices] = True
         self.shared = shared_opening([examples[i][0][:-1] for i in indices])
         parts = {}
-        for idx in token_batches(examples, indices, budget):
+        for n, idx in enumerate(token_batches(examples, indices, budget)):
             ids, _ = common.pad_batch([examples[i][0][:-1] for i in idx])
             h = lower_blocks(model, mx.array(ids), first)
             mx.eval(h)
             for row, i in enumerate(idx):
                 parts[i] = h[row, : lengths[i]]
+            if n % 16 == 15:  # batches of every length fragment the heap: hand it back (~150 MB)
+                common.release_memory()
         some = parts[indices[0]]
         pad = mx.zeros((1, some.shape[-1]), dtype=some.dtype)
         self.packed = mx.concatenate([parts[i] for i in indices] + [pad])
         mx.eval(self.packed)
+        del parts, h
+        common.release_memory()
         self.pad_row = int(self.offsets[-1])
+        self.spilled = None
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes
+
+    def spill(self, keep: int, path: Path) -> None:
+        """Keep the states of examples [0, keep) in memory and move the others to `path` until
+        restore(): the held-out messages are scored only after the last step (~60 MB)."""
+        cut = int(self.offsets[keep])
+        save_weights({"states": self.packed[cut:]}, path)
+        pad = self.packed[-1:]
+        self.packed = mx.concatenate([self.packed[:cut], pad])  # a copy: the old buffer goes
+        mx.eval(self.packed)
+        self.spilled, self.pad_row = (path, cut, self.cached[keep:].copy()), cut
+        self.cached[keep:] = False
+        common.release_memory()
+
+    def restore(self) -> None:
+        path, cut, cached = self.spilled
+        rest = mx.load(str(path))["states"]
+        self.packed = mx.concatenate([self.packed[:cut], rest])
+        mx.eval(self.packed)
+        self.cached[len(self.cached) - len(cached):] = cached
+        self.pad_row, self.spilled = int(self.offsets[-1]), None
+        path.unlink()
 
     def gather(self, idx) -> mx.array:
         """(batch, longest, hidden) states of examples idx, right-padded with zeros."""
@@ -248,6 +274,7 @@ def lower_blocks(model, ids: mx.array, first: int) -> mx.array:
     return h
 
 
+HELD_OUT_STATES = ".held_out_states.safetensors"  # FrozenStates.spill's file in the run folder
 CHECKPOINT_TOKENS = 256  # a batch with more (padded) positions recomputes blocks in backward
 
 
@@ -320,11 +347,12 @@ def collate(examples, idx, frozen: FrozenStates | None = None):
 
 
 def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: int = 0,
-            shared: int = 0):
+            shared: int = 0, grad: bool = True):
     """Mean cross-entropy per predicted token: over every token (the tutorial), or over the
     completion only, where just those few positions are projected onto the vocabulary.
     states: the output of blocks [0, first) for ids[:, :-1] (FrozenStates), or None;
-    shared: with states, how many leading positions every row shares (upper_blocks)."""
+    shared: with states, how many leading positions every row shares (upper_blocks);
+    grad=False: for measuring only (common.projected_cross_entropy)."""
     inputs, targets = ids[:, :-1], ids[:, 1:]
     if states is not None:
         h = upper_blocks(model, states, first, shared)
@@ -340,13 +368,13 @@ def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: i
     else:
         mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
     ntoks = mask.sum()
-    return summed_cross_entropy(model, h, targets, mask) / ntoks, ntoks
+    return summed_cross_entropy(model, h, targets, mask, grad) / ntoks, ntoks
 
 
-def summed_cross_entropy(model, h, targets, mask):
+def summed_cross_entropy(model, h, targets, mask, grad: bool = True):
     """Sum of the masked cross-entropy over the 49,152-word vocabulary, a few positions at a time
     (common.projected_cross_entropy: bounded memory for a long batch's logits)."""
-    return (common.projected_cross_entropy(model, h, targets) * mask).sum()
+    return (common.projected_cross_entropy(model, h, targets, grad=grad) * mask).sum()
 
 
 VAL_TOKENS = 512  # padded positions per forward pass when measuring validation loss
@@ -364,7 +392,8 @@ def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> flo
     total, count = 0.0, 0
     first, shared = (frozen.first, frozen.shared) if frozen is not None else (0, 0)
     for idx in batches:
-        loss, n = loss_fn(model, *collate(examples, idx, frozen), completion_only, first, shared)
+        loss, n = loss_fn(model, *collate(examples, idx, frozen), completion_only, first, shared,
+                          grad=False)
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
@@ -492,12 +521,16 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     if first > 0 and frozen_prefix_supported(model):
         tic = time.perf_counter()
         visited = {i for step in range(cfg.iters) for i in batch_of(step)}
-        train_frozen = FrozenStates(model, train_ex, first, visited)
         val_frozen = FrozenStates(model, select_ex, first)
+        nbytes = val_frozen.nbytes
+        if len(select_ex) > len(valid_ex):  # to disk before the training states are computed
+            val_frozen.spill(len(valid_ex), run_dir / HELD_OUT_STATES)
+        train_frozen = FrozenStates(model, train_ex, first, visited)
+        nbytes += train_frozen.nbytes
         release_blocks(model, first)
         log(f"Frozen blocks 0-{first - 1}: their output for {len(visited)} training and "
             f"{len(select_ex)} validation and held-out messages computed once "
-            f"({(train_frozen.nbytes + val_frozen.nbytes) / 1e6:.0f} MB, "
+            f"({nbytes / 1e6:.0f} MB, "
             f"{time.perf_counter() - tic:.1f}s)")
     train_first, shared = (first, train_frozen.shared) if train_frozen is not None else (0, 0)
     value_and_grad = nn.value_and_grad(
@@ -570,11 +603,14 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         raise
 
     history["iterations_run"] = it
+    common.release_memory()  # the steps' buffers, before scoring and plotting
     save_adapters(model, run_dir / "final_adapters.safetensors")
     shipped = run_dir / f"{cfg.ship}_adapters.safetensors"
     model.load_weights(str(shipped), strict=False)
     model.eval()
     if val_frozen is not None:
+        if val_frozen.spilled:
+            val_frozen.restore()
         probs = cached_p_spam(model, tokenizer, select_ex, val_frozen)
     else:
         probs = common.p_spam(model, tokenizer, [r["message"]
@@ -634,6 +670,7 @@ def validate(it, model, val, completion_only, progress, cfg, run_dir, log) -> bo
     model.eval()
     subset, batches, frozen = val
     val = evaluate_loss(model, subset, batches, completion_only, frozen)
+    common.release_memory()  # validation's chunks are not needed by the steps: keep RSS down
     model.train()
     log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
     history["val"].append({"iteration": it, "val_loss": val})

@@ -294,69 +294,75 @@ def output_weight(model):
     return head.weight
 
 
-CE_ROWS = 128  # positions projected onto the vocabulary at a time: 128 x 49,152 floats = 25 MB
+CE_ROWS = 32  # positions projected onto the vocabulary at a time: 32 x 49,152 floats = 6.3 MB
 CE_KEEP = 64  # up to this many positions (a completion-only batch) plain autodiff keeps the logits
 
 
 @functools.cache
-def _ce_grad_kernel(fast_exp: bool):
+def _ce_kernels(fast_exp: bool):
     if fast_exp:
         import fastops
 
-        exp = fastops._exp
+        exp, logsumexp = fastops._exp, fastops._logsumexp
     else:
-        exp = mx.exp
+        exp, logsumexp = mx.exp, functools.partial(mx.logsumexp, axis=-1)
 
     @mx.compile
-    def grad(logits, lse, targets, cotangent):  # (softmax(logits) - onehot(targets)) * cotangent
+    def dlogits(logits, lse, targets):  # softmax(logits) - onehot(targets)
         onehot = mx.arange(logits.shape[-1])[None] == targets[:, None]
-        return (exp(logits - lse[:, None]) - onehot) * cotangent[:, None]
+        return exp(logits - lse[:, None]) - onehot
 
-    return grad
+    return logsumexp, dlogits
 
 
 def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = CE_ROWS,
-                            keep: int = CE_KEEP):
+                            keep: int = CE_KEEP, grad: bool = True):
     """cross_entropy(project(model, h), targets), per position, without keeping the logits of
-    every position alive: forward and backward each go `rows` positions at a time, the backward
-    recomputing its chunk's logits (one more matrix product) instead of keeping (positions x
-    49,152) floats, and their gradient, from one pass to the other. Gradient: h's only (the
-    output layer is frozen here). A 4-bit output layer, or at most `keep` positions (whose
-    logits are small enough to keep), take the plain path. (MLX's CPU scheduler may still
-    allocate a few chunks' buffers before the first one runs: memory is bounded, not minimal.)"""
+    every position alive: `rows` positions at a time are projected onto the vocabulary, and the
+    same pass computes their loss and its gradient with respect to h (softmax - onehot, times
+    the output layer), so the backward pass only scales that gradient by its cotangent: two
+    matrix products with the 49,152-word output layer instead of the three of a backward that
+    recomputes the logits, and (positions x 49,152) floats never held. Gradient: h's only (the
+    output layer is frozen here). grad=False: the loss alone, one chunk evaluated at a time
+    (validation; not for use under a gradient transform). A 4-bit output layer, or at most
+    `keep` positions (whose logits are small enough to keep), take the plain path."""
     weight = output_weight(model)
     if weight is None or h.size // h.shape[-1] <= keep:  # 4-bit, or small: plain autodiff
         return cross_entropy(project(model, h).astype(mx.float32), targets)
     x = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     spans = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
+    logsumexp, dlogits = _ce_kernels(on_cpu() and fast_ops_enabled())
 
-    def logits_of(rows):
-        return (rows @ weight.T).astype(mx.float32)
+    def loss_and_grad(rows, a, b, with_grad):
+        logits = (rows @ weight.T).astype(mx.float32)
+        lse = logsumexp(logits)
+        loss = lse - mx.take_along_axis(logits, t[a:b, None], axis=-1).squeeze(-1)
+        if not with_grad:
+            return loss, None
+        return loss, (dlogits(logits, lse, t[a:b]) @ weight).astype(x.dtype)
 
-    def grad_of(logits, out, a, b, cotangent):
-        picked = mx.take_along_axis(logits, t[a:b, None], axis=-1).squeeze(-1)
-        kernel = _ce_grad_kernel(on_cpu() and fast_ops_enabled())
-        d = kernel(logits, out + picked, t[a:b], cotangent)  # lse = ce + picked
-        return (d @ weight).astype(x.dtype)
-
-    def in_turn(piece_of):  # each chunk waits for the one before (mx.depends): fewer chunks'
-        pieces = []  # buffers are allocated at once (seed-config profile: HWM 1.16 -> 1.07 GB)
-        for a, b in spans:
-            rows = x[a:b] if not pieces else mx.depends(x[a:b], pieces[-1])
-            pieces.append(piece_of(rows, a, b))
-        return mx.concatenate(pieces)
+    if not grad:
+        pieces = [loss_and_grad(x[a:b], a, b, False)[0] for a, b in spans]
+        for piece in pieces:
+            mx.eval(piece)  # one chunk's temporaries at a time
+        return mx.concatenate(pieces).reshape(targets.shape)
 
     @mx.custom_function
     def ce(x):
-        return in_turn(lambda rows, a, b: cross_entropy(logits_of(rows), t[a:b]))
+        losses, grads = [], []
+        for a, b in spans:  # each chunk waits for the one before (mx.depends): MLX's CPU
+            rows = x[a:b] if not grads else mx.depends(x[a:b], grads[-1])  # scheduler would
+            loss, g = loss_and_grad(rows, a, b, True)  # otherwise allocate every chunk's
+            losses.append(loss)  # buffers at once
+            grads.append(g)
+        return mx.concatenate(losses), mx.concatenate(grads)
 
     @ce.vjp
-    def ce_vjp(x, cotangent, out):  # one input: x is the primal itself
-        return (in_turn(lambda rows, a, b: grad_of(logits_of(rows), out[a:b], a, b,
-                                                   cotangent[a:b])),)
+    def ce_vjp(x, cotangents, outputs):  # one input: x is the primal itself
+        return (cotangents[0][:, None] * outputs[1],)
 
-    return ce(x).reshape(targets.shape)
+    return ce(x)[0].reshape(targets.shape)
 
 
 def upcast_half(model):

@@ -217,8 +217,8 @@ def test_loss_explosion_stops_with_a_diagnosis_and_a_loadable_last_good_adapter(
         tmp_path, tiny_model, data_dir, monkeypatch, capsys, blowup, needle):
     real_loss, calls = train.loss_fn, []
 
-    def exploding_loss(*args):  # fine for 20 steps, then NaN or huge, as a too-high lr does
-        loss, n = real_loss(*args)
+    def exploding_loss(*args, **kwargs):  # fine for 20 steps, then NaN or huge, as a too-high
+        loss, n = real_loss(*args, **kwargs)  # learning rate does
         calls.append(1)
         return (loss * blowup if len(calls) > 20 else loss), n
 
