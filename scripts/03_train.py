@@ -278,25 +278,6 @@ HELD_OUT_STATES = ".held_out_states.safetensors"  # FrozenStates.spill's file in
 CHECKPOINT_TOKENS = 256  # a batch with more (padded) positions recomputes blocks in backward
 
 
-class Opening:
-    """A layer's keys and values of the prompt's opening, which every message shares (mlx-lm's
-    cache interface, differentiable): the first call stores the opening's own (a batch of one);
-    later calls put them, broadcast to the batch, in front of the messages' keys and values."""
-
-    def __init__(self, keys=None, values=None):
-        self.keys, self.values = keys, values
-        self.offset = 0 if keys is None else keys.shape[2]
-
-    def update_and_fetch(self, keys, values):
-        if self.keys is None:
-            self.keys, self.values, self.offset = keys, values, keys.shape[2]
-            return keys, values
-        batch = keys.shape[0]
-        return (mx.concatenate([mx.broadcast_to(self.keys, (batch, *self.keys.shape[1:])), keys], 2),
-                mx.concatenate([mx.broadcast_to(self.values, (batch, *self.values.shape[1:])),
-                                values], 2))
-
-
 def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
     """Blocks [first, end) and the final norm.
 
@@ -311,13 +292,16 @@ def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
     remat = batch * (width - shared) > CHECKPOINT_TOKENS
     if shared:
         opening = h[:1, :shared]
-        caches = [Opening() for _ in layers]
+        caches = [common.Opening() for _ in layers]
         for layer, cache in zip(layers, caches):
             opening = layer(opening, "causal", cache)
         h = h[:, shared:]
     for i, layer in enumerate(layers):
         kv = (caches[i].keys, caches[i].values) if shared else ()
-        h = checkpointed(layer, h, kv) if remat else layer(h, "causal", Opening(*kv) if kv else None)
+        if remat:
+            h = checkpointed(layer, h, kv)
+        else:
+            h = layer(h, "causal", common.Opening(*kv) if kv else None)
     if shared:
         h = mx.concatenate([mx.broadcast_to(opening, (batch, shared, dim)), h], axis=1)
     return model.model.norm(h)
@@ -326,7 +310,7 @@ def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
 def checkpointed(layer, h: mx.array, kv=()) -> mx.array:
     def run(params, x, *kv):
         layer.update(params)
-        return layer(x, "causal", Opening(*kv) if kv else None)
+        return layer(x, "causal", common.Opening(*kv) if kv else None)
 
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *kv)
 

@@ -529,24 +529,31 @@ def prompt_prefix_ids(tokenizer) -> list[int]:
     return tokenizer.encode(PROMPT.split("{text}")[0].rstrip(" "))
 
 
-def _prefix_cache(model, prefix: list[int]):
-    """Per-layer (keys, values) of the shared prompt opening, computed once."""
-    from mlx_lm.models.cache import make_prompt_cache
+class Opening:
+    """A layer's keys and values of the prompt's opening, which every message shares (mlx-lm's
+    cache interface, differentiable): the first call stores the opening's own (a batch of one);
+    later calls put them, broadcast to the batch, in front of the messages' keys and values.
+    (mlx-lm's KVCache would instead copy them into a fresh 256-position buffer per batch.)"""
 
-    cache = make_prompt_cache(model)
+    def __init__(self, keys=None, values=None):
+        self.keys, self.values = keys, values
+        self.offset = 0 if keys is None else keys.shape[2]
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+            return keys, values
+        batch = keys.shape[0]
+        return (mx.concatenate([mx.broadcast_to(self.keys, (batch, *self.keys.shape[1:])), keys], 2),
+                mx.concatenate([mx.broadcast_to(self.values, (batch, *self.values.shape[1:])),
+                                values], 2))
+
+
+def _prefix_cache(model, prefix: list[int]) -> list[Opening]:
+    """Per-layer keys and values of the shared prompt opening, computed once."""
+    cache = [Opening() for _ in model.layers]
     model.model(mx.array([prefix]), cache=cache)
-    states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
-    mx.eval(states)
-    return states
-
-
-def _batch_cache(model, states, batch: int):
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    for c, (k, v) in zip(cache, states):
-        c.state = (mx.broadcast_to(k, (batch, *k.shape[1:])),
-                   mx.broadcast_to(v, (batch, *v.shape[1:])), k.shape[2])
+    mx.eval([(c.keys, c.values) for c in cache])
     return cache
 
 
@@ -579,11 +586,11 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
     prefix = prompt_prefix_ids(tokenizer)
     shared = len(prefix) if all(e[: len(prefix)] == prefix and len(e) > len(prefix)
                                 for e in encoded) else 0
-    states = _prefix_cache(model, prefix) if shared else None
+    opening = _prefix_cache(model, prefix) if shared else None
     out = np.zeros((len(messages), 2), dtype=np.float32)
     for idx in length_batches([len(e) - shared for e in encoded], batch_size):
         ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
-        cache = _batch_cache(model, states, len(idx)) if shared else None
+        cache = [Opening(c.keys, c.values) for c in opening] if shared else None
         h = model.model(mx.array(ids), cache=cache)
         last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
         logits = label_logits(model, last, pair)
