@@ -86,6 +86,7 @@ def run_steps(steps, timings: Path) -> int:
     return 0
 
 
+@common.cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="default", help="training config (configs/NAME.yaml)")
