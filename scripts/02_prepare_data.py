@@ -180,8 +180,8 @@ def split(messages: list[dict], test_fraction: float, train_per_class: int,
 
 
 def read_supplement(path: Path, known: set[str]) -> list[dict]:
-    """Extra messages (data/modern_sms.jsonl), dropped where they repeat a message of the
-    collection: added to train_all, but for those held out in valid_modern."""
+    """Extra messages (data/modern_sms*.jsonl), dropped where they repeat a message already
+    read: added to train_all, but for those held out in valid_modern."""
     rows = clean(read_rows(path))
     return [{**r, "source": path.stem} for r in rows if dedupe_key(r["message"]) not in known]
 
@@ -210,8 +210,11 @@ def to_line(m: dict) -> dict:
 
 
 def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
-            valid_per_class=80, seed=42, supplement: Path | None = common.SUPPLEMENT,
+            valid_per_class=80, seed=42, supplement=common.SUPPLEMENTS,
             calibration_ham: int = 480, supplement_holdout: int = 50) -> dict:
+    """supplement: a file of modern messages, or several (None: none); supplement_holdout of
+    each label of each file go to valid_modern, drawn within the file, so that adding a file
+    leaves the messages held out of the others as they were."""
     if not 0 < test_fraction < 1:
         raise UserError("--test-fraction must be between 0 and 1")
     if train_per_class <= 0 or valid_per_class <= 0:
@@ -227,11 +230,18 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     messages = clean(rows)
     splits = split(messages, test_fraction, train_per_class, valid_per_class, seed,
                    calibration_ham)
-    extra, splits["valid_modern"] = [], []
-    if supplement is not None:
-        extra = read_supplement(Path(supplement), {dedupe_key(m["message"]) for m in messages})
-        held, rest = hold_out(extra, supplement_holdout, seed)
-        splits["valid_modern"] = [held[i] for i in np.random.default_rng(seed).permutation(len(held))]
+    files = [] if supplement is None else (
+        [Path(supplement)] if isinstance(supplement, (str, Path)) else [Path(f) for f in supplement])
+    known = {dedupe_key(m["message"]) for m in messages}
+    held, rest, added = [], [], []
+    for path in files:
+        extra = read_supplement(path, known)
+        known |= {dedupe_key(m["message"]) for m in extra}
+        h, r = hold_out(extra, supplement_holdout, seed)
+        held, rest = held + h, rest + r
+        added.append({"file": path.name, "messages": len(extra), "held_out": len(h)})
+    splits["valid_modern"] = [held[i] for i in np.random.default_rng(seed).permutation(len(held))]
+    if files:
         rows = splits["train_all"] + rest
         splits["train_all"] = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
     out = Path(out)
@@ -242,8 +252,7 @@ def prepare(source: str, out: Path, test_fraction=0.2, train_per_class=400,
     manifest = {
         "source": origin, "raw_rows": raw_rows, "seed": seed, "test_fraction": test_fraction,
         "distinct_messages": len(messages), "counts": counts,
-        "supplement": {"file": Path(supplement).name, "messages": len(extra),
-                       "held_out": len(splits["valid_modern"])} if supplement else None,
+        "supplement": added,
         "sha256": {name: common.sha256(out / f"{name}.jsonl")
                    for name in splits},
     }
@@ -266,24 +275,24 @@ def main(argv=None):
     p.add_argument("--calibration-ham", type=int, default=480,
                    help="ham messages held out beside valid.jsonl (calibration.jsonl) so the two "
                         "together are at the natural ratio: the threshold is chosen on them")
-    p.add_argument("--supplement", default=str(common.SUPPLEMENT),
-                   help="modern messages for train_all.jsonl and valid_modern.jsonl ('none' to "
-                        "skip)")
+    p.add_argument("--supplement", nargs="+", default=[str(f) for f in common.SUPPLEMENTS],
+                   help="files of modern messages for train_all.jsonl and valid_modern.jsonl "
+                        "(default: data/modern_sms.jsonl data/modern_sms_2.jsonl; 'none' to skip)")
     p.add_argument("--supplement-holdout", type=int, default=50,
-                   help="supplement messages of each label held out in valid_modern.jsonl (the "
-                        "recipe and threshold are chosen on them too, never trained on)")
+                   help="messages of each label of each supplement file held out in "
+                        "valid_modern.jsonl (the recipe and threshold are chosen on them too, "
+                        "never trained on)")
     args = p.parse_args(argv)
-    supplement = None if args.supplement == "none" else Path(args.supplement)
+    supplement = None if args.supplement == ["none"] else args.supplement
     m = prepare(args.source, args.out, args.test_fraction, args.train_per_class,
                 args.valid_per_class, args.seed, supplement, args.calibration_ham,
                 args.supplement_holdout)
     print(f"{m['distinct_messages']} distinct messages from {m['source']} (seed {m['seed']})")
     for name, c in m["counts"].items():
         print(f"  {name:12s} {c['ham'] + c['spam']:5d}  ({c['spam']} spam, {c['ham']} ham)")
-    if m["supplement"]:
-        held = m["supplement"]["held_out"]
-        print(f"  + {m['supplement']['messages'] - held} messages of {m['supplement']['file']} in "
-              f"train_all, {held} in valid_modern")
+    for f in m["supplement"]:
+        print(f"  + {f['messages'] - f['held_out']} messages of {f['file']} in train_all, "
+              f"{f['held_out']} in valid_modern")
     print(f"wrote {args.out}/{{train,train_all,valid,calibration,valid_modern,test}}.jsonl "
           "and split.json")
 

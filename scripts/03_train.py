@@ -190,25 +190,31 @@ class FrozenStates:
     """What the frozen blocks below the first LoRA block output for each message, computed once.
 
     Those blocks (14 of SmolLM2's 30 with LoRA on the last 16) never change, so running them at
-    every step and every validation is waste: the steps start from these states instead. Packed
-    into one array (a zero row at the end for padding); computed in length-sorted batches in a
-    fixed order, so a resumed run gets exactly the same numbers."""
+    every step and every validation is waste: the steps start from these states instead. The
+    prompt's opening, the same in every message, goes through them once (a batch of one) and
+    each message attends to its keys and values, as scoring does; only the messages' own states
+    are kept, packed into one array (a zero row at the end for padding), computed in
+    length-sorted batches in a fixed order, so a resumed run gets exactly the same numbers."""
 
     def __init__(self, model, examples, first: int, indices=None, budget: int = 1024):
         """States of examples[i] for i in indices (default: all of them)."""
         self.first = first
         indices = list(range(len(examples))) if indices is None else sorted(set(indices))
-        lengths = np.zeros(len(examples), dtype=np.int64)  # inputs: all tokens but the last
-        lengths[indices] = [len(examples[i][0]) - 1 for i in indices]
+        self.shared = shared = shared_opening([examples[i][0][:-1] for i in indices])
+        lengths = np.zeros(len(examples), dtype=np.int64)  # own inputs: all tokens but the
+        lengths[indices] = [len(examples[i][0]) - 1 - shared for i in indices]  # last, past the opening
         self.lengths = lengths
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.cached = np.zeros(len(examples), dtype=bool)
         self.cached[indices] = True
-        self.shared = shared_opening([examples[i][0][:-1] for i in indices])
+        caches = [common.Opening() for _ in range(first)]
+        self.opening = lower_blocks(model, mx.array([examples[indices[0]][0][:shared]]), first,
+                                    caches) if shared else None
         parts = {}
         for n, idx in enumerate(token_batches(examples, indices, budget)):
-            ids, _ = common.pad_batch([examples[i][0][:-1] for i in idx])
-            h = lower_blocks(model, mx.array(ids), first)
+            ids, _ = common.pad_batch([examples[i][0][shared:-1] for i in idx])
+            h = lower_blocks(model, mx.array(ids), first,
+                             [common.Opening(c.keys, c.values) for c in caches] if shared else None)
             mx.eval(h)
             for row, i in enumerate(idx):
                 parts[i] = h[row, : lengths[i]]
@@ -217,8 +223,8 @@ class FrozenStates:
         some = parts[indices[0]]
         pad = mx.zeros((1, some.shape[-1]), dtype=some.dtype)
         self.packed = mx.concatenate([parts[i] for i in indices] + [pad])
-        mx.eval(self.packed)
-        del parts, h
+        mx.eval(self.packed, self.opening)
+        del parts, h, caches
         common.release_memory()
         self.pad_row = int(self.offsets[-1])
         self.spilled = None
@@ -255,7 +261,11 @@ class FrozenStates:
         index = np.full((len(idx), int(lens.max())), self.pad_row, dtype=np.int64)
         for row, (i, n) in enumerate(zip(idx, lens)):
             index[row, :n] = np.arange(self.offsets[i], self.offsets[i] + n)
-        return self.packed[mx.array(index.astype(np.int32))]
+        own = self.packed[mx.array(index.astype(np.int32))]
+        if self.opening is None:
+            return own
+        opening = mx.broadcast_to(self.opening, (len(idx), *self.opening.shape[1:]))
+        return mx.concatenate([opening, own], axis=1)
 
 
 def shared_opening(seqs: list[list[int]]) -> int:
@@ -267,10 +277,10 @@ def shared_opening(seqs: list[list[int]]) -> int:
     return min(int(np.argmin(same)) if not same.all() else shortest, shortest - 1)
 
 
-def lower_blocks(model, ids: mx.array, first: int) -> mx.array:
+def lower_blocks(model, ids: mx.array, first: int, caches=None) -> mx.array:
     h = model.model.embed_tokens(ids)
-    for layer in model.model.layers[:first]:
-        h = layer(h, "causal")
+    for i, layer in enumerate(model.model.layers[:first]):
+        h = layer(h, "causal", caches[i] if caches else None)
     return h
 
 
@@ -470,7 +480,8 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     if not batches:
         raise UserError(f"need at least batch_size={cfg.batch_size} training messages")
     def group(r):
-        return (r.get("source", "collection"), r["label"]) if cfg.balance == "group" else r["label"]
+        return ("modern" if "source" in r else "collection", r["label"]) if cfg.balance == "group" \
+            else r["label"]
 
     groups = sorted({group(r) for r in train_rows})
     by_class = [[i for i, r in enumerate(train_rows) if group(r) == g] for g in groups]

@@ -39,7 +39,7 @@ FUSED_DIR = RETRAINED_DIR / "fused"
 SHIPPED_TSV = DATA_DIR / "SMSSpamCollection.tsv"
 FIXED_MESSAGES = DATA_DIR / "fixed_test_messages.jsonl"
 STRESS_SUITE = DATA_DIR / "stress_suite.jsonl"
-SUPPLEMENT = DATA_DIR / "modern_sms.jsonl"
+SUPPLEMENTS = (DATA_DIR / "modern_sms.jsonl", DATA_DIR / "modern_sms_2.jsonl")  # written apart
 
 PROMPT = "Classify the following SMS message as spam or not spam.\nMessage: {text}\nClassification:"
 COMPLETIONS = {"spam": " spam", "ham": " not spam"}

@@ -136,8 +136,8 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     md = (rep / "report.md").read_text()
     assert "| baseline |" in md and "| retrained |" in md and "boss-5" in md
     held = json.loads((trained / "threshold.json").read_text())["held_out"]
-    assert (f"(740 held-out messages, never trained on): accuracy {100 * held['accuracy']:.2f}%"
-            in md and "of the 100 modern ones" in md)
+    assert (f"(840 held-out messages, never trained on): accuracy {100 * held['accuracy']:.2f}%"
+            in md and "of the 200 modern ones" in md)
     assert (rep / "scores_retrained.png").stat().st_size > 10_000 and "scores_retrained.png" in md
 
     src = tmp_path / "in.jsonl"

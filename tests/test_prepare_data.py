@@ -19,8 +19,10 @@ def test_split_counts_match_the_collection(tmp_path):
     assert m["counts"]["valid"] == {"ham": 80, "spam": 80}
     assert m["counts"]["test"] == {"ham": 903, "spam": 128}  # 20% of 4,517 ham and 642 spam
     assert m["counts"]["calibration"] == {"ham": 480, "spam": 0}
-    assert m["counts"]["valid_modern"] == {"ham": 50, "spam": 50}
-    assert m["counts"]["train_all"] == {"ham": 3204, "spam": 584}  # 150 + 150 modern of them
+    assert m["counts"]["valid_modern"] == {"ham": 100, "spam": 100}  # 50 + 50 of each file
+    assert m["counts"]["train_all"] == {"ham": 3354, "spam": 734}  # 300 + 300 modern of them
+    assert [(f["file"], f["messages"], f["held_out"]) for f in m["supplement"]] == [
+        ("modern_sms.jsonl", 400, 100), ("modern_sms_2.jsonl", 400, 100)]
     assert set(m["sha256"]) == {"train", "valid", "test", "train_all", "calibration",
                                 "valid_modern"}
     # valid + calibration (560 ham, 80 spam) are at the test split's ratio, within 1%
@@ -72,7 +74,8 @@ def test_supplement_goes_to_train_all_and_valid_modern_only(tmp_path):
                                  "label": "spam"}) + "\n"
                      + json.dumps({"text": test_msg.upper(), "label": "ham"}) + "\n")
     m = prep.prepare("shipped", tmp_path / "b", supplement=extra, supplement_holdout=0)
-    assert m["supplement"]["messages"] == 1  # the copy of a test message is dropped
+    assert m["supplement"] == [{"file": "extra.jsonl", "messages": 1, "held_out": 0}]  # the
+    # copy of a test message is dropped
     rows = common.read_jsonl(tmp_path / "b" / "train_all.jsonl")
     assert sum(r["message"].startswith("Your Evri parcel") for r in rows) == 1
     assert common.read_jsonl(tmp_path / "b" / "valid_modern.jsonl") == []
@@ -92,9 +95,10 @@ def test_supplement_goes_to_train_all_and_valid_modern_only(tmp_path):
 
 
 def test_shipped_supplement_never_repeats_an_evaluation_message():
-    """modern_sms.jsonl (training) and stress_suite.jsonl / the fixed messages (evaluation)
+    """modern_sms*.jsonl (training) and stress_suite.jsonl / the fixed messages (evaluation)
     are written apart: no message of one is in the other."""
-    supplement = {prep.dedupe_key(r["text"]) for r in common.read_jsonl(common.SUPPLEMENT)}
+    supplement = {prep.dedupe_key(r["text"]) for f in common.SUPPLEMENTS
+                  for r in common.read_jsonl(f)}
     for path in (common.STRESS_SUITE, common.FIXED_MESSAGES):
         evaluation = {prep.dedupe_key(r["text"]) for r in common.read_jsonl(path)}
         assert not supplement & evaluation

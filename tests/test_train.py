@@ -157,32 +157,32 @@ def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
     from mlx_lm import load
     load(str(tiny_model), adapter_path=str(ad))
     # the threshold is chosen on valid + calibration (560 ham, 80 spam: the natural ratio) +
-    # valid_modern (50 + 50), ham weighted up to the natural ratio, and the figures recorded for
+    # valid_modern (100 + 100), ham weighted up to the natural ratio, and the figures recorded for
     # it are those of the shipped adapter on those messages
     t = json.loads((ad / "threshold.json").read_text())
     assert t["chosen_on"] == "valid.jsonl + calibration.jsonl + valid_modern.jsonl"
-    assert abs(t["ham_weight"] - (903 / 128) / (610 / 130)) < 1e-9
+    assert abs(t["ham_weight"] - (903 / 128) / (660 / 180)) < 1e-9
     rows = [r for f in ("valid", "calibration", "valid_modern")
             for r in common.read_jsonl(data_dir / f"{f}.jsonl")]
     p = common.p_spam(*common.load_model(tiny_model, ad), [r["message"] for r in rows])
     is_spam = np.array([r["label"] == "spam" for r in rows])
     want = common.classifier_metrics(is_spam, p, t["threshold"])
-    assert t["held_out"]["messages"] == 740 and t["held_out"]["confusion"] == want["confusion"]
+    assert t["held_out"]["messages"] == 840 and t["held_out"]["confusion"] == want["confusion"]
     assert abs(t["held_out"]["roc_auc"] - want["roc_auc"]) < 1e-3
-    modern = common.classifier_metrics(is_spam[-100:], p[-100:], t["threshold"])
+    modern = common.classifier_metrics(is_spam[-200:], p[-200:], t["threshold"])
     assert t["held_out"]["modern"]["confusion"] == modern["confusion"]
     assert t["held_out"]["collection"]["messages"] == 640
 
 
 def test_supplement_repeats_weighs_the_modern_messages(tmp_path, tiny_model, data_dir):
-    """train_all.jsonl: 3,488 collection + 300 supplement rows; with 3 repeats each supplement
+    """train_all.jsonl: 3,488 collection + 600 supplement rows; with 3 repeats each supplement
     message is in the training rows three times."""
     r = run_script("03_train.py", "--model", tiny_model, "--data", data_dir, "--adapter-path",
                    tmp_path / "ad", "--reports", tmp_path / "rep", "--iters", "2",
                    "--num-layers", "2", "--train-file", "train_all.jsonl",
                    "--supplement-repeats", "3")
     assert r.returncode == 0, r.stderr
-    assert "Training: 4388 messages" in r.stdout  # 3,788 + 2 x 300
+    assert "Training: 5288 messages" in r.stdout  # 4,088 + 2 x 600
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert saved["supplement_repeats"] == 3
 
