@@ -558,12 +558,24 @@ def _prefix_cache(model, prefix: list[int]) -> list[Opening]:
 
 
 SCORE_TOKENS = 1024  # padded positions per forward pass when scoring
+# What one more forward pass costs, in padded positions: on a 2-core x86 CPU a pass of SmolLM2
+# takes ~40 ms plus ~1.3 ms a position (benchmarks/score.py's machine), so padding a batch by
+# more than ~32 positions costs more than a pass of its own.
+PASS_TOKENS = 32
 
 
-def length_batches(lengths: list[int], batch_size: int, budget: int = SCORE_TOKENS):
+def length_batches(lengths: list[int], batch_size: int, budget: int = SCORE_TOKENS,
+                   pass_tokens: int | None = None):
     """Indices in batches of similar length: at most batch_size messages and (beyond one
     message) at most `budget` padded positions each, so a few long messages do not make a whole
-    batch of short ones pay for their padding."""
+    batch of short ones pay for their padding.
+
+    pass_tokens=None: greedy, filling each batch in length order (what training uses);
+    otherwise the split of the length-sorted messages that costs least, counting each batch's
+    padded positions plus pass_tokens for the pass itself (dynamic programming)."""
+    if pass_tokens is not None:
+        yield from _cheapest_batches(np.asarray(lengths), batch_size, budget, pass_tokens)
+        return
     order = np.argsort(lengths, kind="stable")
     batch = []
     for i in order:
@@ -573,6 +585,27 @@ def length_batches(lengths: list[int], batch_size: int, budget: int = SCORE_TOKE
         batch.append(i)
     if batch:
         yield np.array(batch)
+
+
+def _cheapest_batches(lengths: np.ndarray, batch_size: int, budget: int, pass_tokens: int):
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order].tolist()
+    n = len(order)
+    cost, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):  # cost[end]: the cheapest split of the `end` shortest messages
+        longest = sorted_lengths[end - 1]
+        for size in range(1, min(batch_size, end) + 1):
+            if size > 1 and size * longest > budget:
+                break
+            c = cost[end - size] + pass_tokens + size * longest
+            if c < cost[end]:
+                cost[end], start[end] = c, end - size
+    cuts, end = [], n
+    while end:
+        cuts.append((start[end], end))
+        end = start[end]
+    for a, b in reversed(cuts):
+        yield order[a:b]
 
 
 def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
@@ -588,7 +621,8 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
                                 for e in encoded) else 0
     opening = _prefix_cache(model, prefix) if shared else None
     out = np.zeros((len(messages), 2), dtype=np.float32)
-    for idx in length_batches([len(e) - shared for e in encoded], batch_size):
+    for idx in length_batches([len(e) - shared for e in encoded], batch_size,
+                              pass_tokens=PASS_TOKENS):
         ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
         cache = [Opening(c.keys, c.values) for c in opening] if shared else None
         h = model.model(mx.array(ids), cache=cache)

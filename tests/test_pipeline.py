@@ -303,3 +303,22 @@ def test_tfidf_baselines_train_on_the_adapters_rows_and_score_every_evaluation_s
         a, b = results["train_all.jsonl"][name]["test"], results["train.jsonl"][name]["test"]
         assert a["confusion"] != b["confusion"]
         assert b["ham_false_positive_rate"] > a["ham_false_positive_rate"]
+
+
+def test_scoring_batches_trade_padding_against_passes():
+    """Scoring splits length-sorted messages where padding would cost more than a pass of its
+    own (common.PASS_TOKENS), within the same limits as the greedy batches training uses."""
+    lengths = [1] * 8 + [40]
+    greedy = [list(b) for b in common.length_batches(lengths, 64)]
+    assert greedy == [list(range(9))]  # one batch: 9 x 40 padded positions
+    cheapest = [list(b) for b in common.length_batches(lengths, 64, pass_tokens=32)]
+    assert cheapest == [list(range(8)), [8]]  # 32 + 8 + 32 + 40 < 32 + 360
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 250, 300).tolist()
+    for size, budget in ((64, 1024), (8, 512), (1, 1024)):
+        batches = list(common.length_batches(lengths, size, budget, pass_tokens=32))
+        assert sorted(i for b in batches for i in b) == list(range(300))
+        assert all(len(b) <= size and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget)
+                   for b in batches)
+        def cost(bs): return sum(32 + len(b) * max(lengths[i] for i in b) for b in bs)
+        assert cost(batches) <= cost(list(common.length_batches(lengths, size, budget)))
