@@ -201,8 +201,9 @@ class FrozenStates:
         self.first = first
         indices = list(range(len(examples))) if indices is None else sorted(set(indices))
         self.shared = shared = shared_opening([examples[i][0][:-1] for i in indices])
-        lengths = np.zeros(len(examples), dtype=np.int64)  # own inputs: all tokens but the
-        lengths[indices] = [len(examples[i][0]) - 1 - shared for i in indices]  # last, past the opening
+        # each message's own inputs: all its tokens but the last, after the shared opening
+        lengths = np.zeros(len(examples), dtype=np.int64)
+        lengths[indices] = [len(examples[i][0]) - 1 - shared for i in indices]
         self.lengths = lengths
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.cached = np.zeros(len(examples), dtype=bool)
