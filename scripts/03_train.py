@@ -286,7 +286,16 @@ def lower_blocks(model, ids: mx.array, first: int, caches=None) -> mx.array:
 
 
 HELD_OUT_STATES = ".held_out_states.safetensors"  # FrozenStates.spill's file in the run folder
-CHECKPOINT_TOKENS = 256  # a batch with more (padded) positions recomputes blocks in backward
+CHECKPOINT_TOKENS = 256  # (padded) positions a batch keeps every block's activations for
+
+
+def blocks_to_recompute(positions: int, blocks: int) -> int:
+    """How many of `blocks` recompute their activations in the backward pass (mx.checkpoint)
+    instead of keeping them, so that what is kept stays what CHECKPOINT_TOKENS positions
+    through every block would keep: none for a short batch, all of them only in the limit."""
+    if positions <= CHECKPOINT_TOKENS:
+        return 0
+    return math.ceil(blocks * (1 - CHECKPOINT_TOKENS / positions))
 
 
 def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
@@ -295,12 +304,13 @@ def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
     shared: the first `shared` positions are the prompt's opening, the same in every row; they
     go through the blocks once (a batch of one) and the messages attend to their keys and
     values, instead of every row recomputing them (a third of a batch's positions).
-    For a long batch each block's activations are recomputed in the backward pass instead of
-    kept (mx.checkpoint): the few long messages would otherwise set the run's peak memory
-    (~2.4 GB for 4 x 200 tokens instead of ~0.9)."""
+    For a long batch the lowest blocks recompute their activations in the backward pass
+    instead of keeping them (blocks_to_recompute): the few long messages would otherwise set
+    the run's peak memory (~2.4 GB for 4 x 200 tokens instead of ~0.9), and recomputing only
+    as many blocks as that needs costs a fraction of a forward pass, not a whole one."""
     layers = model.model.layers[first:]
     batch, width, dim = h.shape
-    remat = batch * (width - shared) > CHECKPOINT_TOKENS
+    remat = blocks_to_recompute(batch * (width - shared), len(layers))
     if shared:
         opening = h[:1, :shared]
         caches = [common.Opening() for _ in layers]
@@ -309,7 +319,7 @@ def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
         h = h[:, shared:]
     for i, layer in enumerate(layers):
         kv = (caches[i].keys, caches[i].values) if shared else ()
-        if remat:
+        if i < remat:
             h = checkpointed(layer, h, kv)
         else:
             h = layer(h, "causal", common.Opening(*kv) if kv else None)

@@ -294,67 +294,89 @@ def output_weight(model):
     return head.weight
 
 
-CE_ROWS = 32  # positions projected onto the vocabulary at a time: 32 x 49,152 floats = 6.3 MB
+CE_ROWS = 512  # positions per pass over the output layer (bounds the temporaries: 512 x CE_COLS)
+CE_COLS = 4096  # vocabulary columns at a time: 512 x 4,096 floats = 8 MB
 CE_KEEP = 64  # up to this many positions (a completion-only batch) plain autodiff keeps the logits
 
 
 @functools.cache
 def _ce_kernels(fast_exp: bool):
+    """The elementwise part of one vocabulary chunk of the online log-sum-exp, fused."""
     if fast_exp:
         import fastops
 
-        exp, logsumexp = fastops._exp, fastops._logsumexp
+        exp = fastops._exp
     else:
-        exp, logsumexp = mx.exp, functools.partial(mx.logsumexp, axis=-1)
+        exp = mx.exp
 
     @mx.compile
-    def dlogits(logits, lse, targets):  # softmax(logits) - onehot(targets)
-        onehot = mx.arange(logits.shape[-1])[None] == targets[:, None]
-        return exp(logits - lse[:, None]) - onehot
+    def opening(z):  # the first chunk: running max m, e = exp(z - m), running sum s
+        m = z.max(axis=-1, keepdims=True)
+        e = exp(z - m)
+        return m, e, e.sum(axis=-1, keepdims=True)
 
-    return logsumexp, dlogits
+    @mx.compile
+    def update(z, m, s):  # a later chunk: the new max, how much the old terms shrink, e, s
+        new = mx.maximum(m, z.max(axis=-1, keepdims=True))
+        shrink = exp(m - new)
+        e = exp(z - new)
+        return new, shrink, e, s * shrink + e.sum(axis=-1, keepdims=True)
+
+    return opening, update
 
 
 def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = CE_ROWS,
-                            keep: int = CE_KEEP, grad: bool = True):
-    """cross_entropy(project(model, h), targets), per position, without keeping the logits of
-    every position alive: `rows` positions at a time are projected onto the vocabulary, and the
-    same pass computes their loss and its gradient with respect to h (softmax - onehot, times
-    the output layer), so the backward pass only scales that gradient by its cotangent: two
-    matrix products with the 49,152-word output layer instead of the three of a backward that
-    recomputes the logits, and (positions x 49,152) floats never held. Gradient: h's only (the
-    output layer is frozen here). grad=False: the loss alone, one chunk evaluated at a time
-    (validation; not for use under a gradient transform). A 4-bit output layer, or at most
-    `keep` positions (whose logits are small enough to keep), take the plain path."""
+                            cols: int = CE_COLS, keep: int = CE_KEEP, grad: bool = True):
+    """cross_entropy(project(model, h), targets), per position, without ever holding the logits.
+
+    The output layer (49,152 x 576) is read `cols` words at a time, once per `rows` positions:
+    each chunk's logits update a running log-sum-exp (the running max and sum of exponentials,
+    rescaled when the max grows, as flash attention does) and, in the same pass, the running
+    gradient with respect to h (softmax times the output layer). So the backward pass only
+    scales that gradient by its cotangent: two matrix products with the output layer in all,
+    and its 113 MB read once a batch instead of once per few positions (which made the loss
+    memory-bound). Gradient: h's only (the output layer is frozen here). grad=False: the loss
+    alone (validation; not for use under a gradient transform). A 4-bit output layer, or at
+    most `keep` positions (whose logits are small enough to keep), take the plain path."""
     weight = output_weight(model)
     if weight is None or h.size // h.shape[-1] <= keep:  # 4-bit, or small: plain autodiff
         return cross_entropy(project(model, h).astype(mx.float32), targets)
     x = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     spans = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
-    logsumexp, dlogits = _ce_kernels(on_cpu() and fast_ops_enabled())
+    opening, update = _ce_kernels(on_cpu() and fast_ops_enabled())
 
-    def loss_and_grad(rows, a, b, with_grad):
-        logits = (rows @ weight.T).astype(mx.float32)
-        lse = logsumexp(logits)
-        loss = lse - mx.take_along_axis(logits, t[a:b, None], axis=-1).squeeze(-1)
+    def loss_and_grad(x, t, with_grad, after=None):
+        m = s = dh = None
+        for c in range(0, weight.shape[0], cols):  # each chunk waits for the one before
+            w = weight[c: c + cols]  # (mx.depends): MLX's CPU scheduler would otherwise
+            inputs = x if after is None else mx.depends(x, after)  # compute every chunk's
+            z = (inputs @ w.T).astype(mx.float32)  # logits at once
+            if m is None:
+                m, e, s = opening(z)
+                dh = e @ w if with_grad else None
+            else:
+                m, shrink, e, s = update(z, m, s)
+                dh = dh * shrink + e @ w if with_grad else None
+            after = dh if with_grad else s
+        target = weight[t]
+        loss = (m + mx.log(s)).squeeze(-1) - (x * target).sum(axis=-1).astype(mx.float32)
         if not with_grad:
             return loss, None
-        return loss, (dlogits(logits, lse, t[a:b]) @ weight).astype(x.dtype)
+        return loss, (dh / s - target).astype(x.dtype)  # softmax - onehot, times the layer
 
     if not grad:
-        pieces = [loss_and_grad(x[a:b], a, b, False)[0] for a, b in spans]
+        pieces = [loss_and_grad(x[a:b], t[a:b], False)[0] for a, b in spans]
         for piece in pieces:
-            mx.eval(piece)  # one chunk's temporaries at a time
+            mx.eval(piece)  # one span's temporaries at a time
         return mx.concatenate(pieces).reshape(targets.shape)
 
     @mx.custom_function
     def ce(x):
         losses, grads = [], []
-        for a, b in spans:  # each chunk waits for the one before (mx.depends): MLX's CPU
-            rows = x[a:b] if not grads else mx.depends(x[a:b], grads[-1])  # scheduler would
-            loss, g = loss_and_grad(rows, a, b, True)  # otherwise allocate every chunk's
-            losses.append(loss)  # buffers at once
+        for a, b in spans:
+            loss, g = loss_and_grad(x[a:b], t[a:b], True, grads[-1] if grads else None)
+            losses.append(loss)
             grads.append(g)
         return mx.concatenate(losses), mx.concatenate(grads)
 

@@ -80,8 +80,8 @@ def test_a_model_gives_the_same_logits_with_and_without(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
-    """The memory-lean loss of 03_train (chunks of `rows` positions, each chunk's gradient
-    computed with its loss) gives the plain project-then-cross-entropy values and gradients;
+    """The memory-lean loss of 03_train (spans of `rows` positions, each read against `cols`
+    words of the output layer at a time, the gradient computed with the loss) gives the plain project-then-cross-entropy values and gradients;
     so does its forward-only form (grad=False, validation)."""
     model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m", tie_word_embeddings=tied))
     assert common.output_weight(model) is not None
@@ -92,12 +92,13 @@ def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
     def plain(x):
         return (nn.losses.cross_entropy(common.project(model, x), targets) * w).sum()
 
-    def chunked(x):  # 150 positions: 10 chunks of 16, the last one short
-        return (common.projected_cross_entropy(model, x, targets, rows=16, keep=0) * w).sum()
+    def chunked(x):  # 150 positions: 10 spans of 16, the last one short; 512 words: 6 chunks
+        return (common.projected_cross_entropy(model, x, targets, rows=16, cols=100, keep=0)
+                * w).sum()
 
     assert abs(chunked(h).item() - plain(h).item()) < 1e-3 * abs(plain(h).item())
-    measured = (common.projected_cross_entropy(model, h, targets, rows=16, keep=0, grad=False)
-                * w).sum()
+    measured = (common.projected_cross_entropy(model, h, targets, rows=16, cols=100, keep=0,
+                                               grad=False) * w).sum()
     assert abs(measured.item() - plain(h).item()) < 1e-3 * abs(plain(h).item())
     g1, g2 = mx.grad(chunked)(h), mx.grad(plain)(h)
     assert mx.abs(g1).max().item() > 1e-3

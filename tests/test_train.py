@@ -83,15 +83,13 @@ def test_completion_loss_only_counts_the_label_tokens(tiny_model):
 
 
 @pytest.mark.parametrize("completion_only,remat,share", [
-    (True, False, False), (False, False, False), (False, True, False),
-    (True, False, True), (False, False, True), (True, True, True)])
+    (True, None, False), (False, None, False), (False, "all", False),
+    (True, None, True), (False, None, True), (True, "all", True), (False, "some", True)])
 def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, monkeypatch,
                                                                     completion_only, remat, share):
     """Starting the forward pass at the first LoRA block from cached states changes nothing;
-    nor does recomputing the blocks in the backward pass (mx.checkpoint, for long batches);
-    nor does computing the prompt's opening once for the whole batch (share)."""
-    if remat:
-        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 0)
+    nor does recomputing all or some of the blocks in the backward pass (mx.checkpoint, for long
+    batches); nor does computing the prompt's opening once for the whole batch (share)."""
     path = tiny.make_tiny_model(tmp_path / "m", num_hidden_layers=4)
     model, tok = common.load_model(path)
     cfg = train.TrainConfig(num_layers=2, seed=1)
@@ -108,6 +106,10 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, mo
     (plain, n1), g1 = vg(model, *train.collate(ex, idx), completion_only)
     shared = frozen.shared if share else 0
     assert frozen.shared == len(common.prompt_prefix_ids(tok))  # "...\nMessage:"
+    positions = len(idx) * (train.collate(ex, idx)[0].shape[1] - 1 - shared)
+    if remat:  # every block, or one of the two (what is kept: half the positions)
+        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 0 if remat == "all" else (positions + 1) // 2)
+    assert train.blocks_to_recompute(positions, 2) == {None: 0, "all": 2, "some": 1}[remat]
     (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2, shared)
     assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
@@ -118,6 +120,12 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, mo
     train.release_blocks(model, 2)  # and nothing below the LoRA blocks is needed any more
     assert np.allclose(train.cached_p_spam(model, tok, ex, frozen), p_cached)
     assert model.layers[0].mlp.up_proj.weight.size == 0
+
+
+def test_long_batches_recompute_only_as_many_blocks_as_memory_needs():
+    assert [train.blocks_to_recompute(p, 16) for p in (100, 256, 257, 284, 512, 1024)] == \
+        [0, 0, 1, 2, 8, 12]
+    assert train.blocks_to_recompute(10**9, 16) == 16
 
 
 def test_choose_threshold_prefers_few_false_alarms():
