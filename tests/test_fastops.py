@@ -81,8 +81,9 @@ def test_a_model_gives_the_same_logits_with_and_without(tmp_path, monkeypatch):
 @pytest.mark.parametrize("tied", [True, False])
 def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
     """The memory-lean loss of 03_train (spans of `rows` positions, each read against `cols`
-    words of the output layer at a time, the gradient computed with the loss) gives the plain project-then-cross-entropy values and gradients;
-    so does its forward-only form (grad=False, validation)."""
+    words of the output layer at a time, the gradient computed with the loss) gives the plain
+    project-then-cross-entropy values and gradients; so does its forward-only form (grad=False,
+    validation)."""
     model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m", tie_word_embeddings=tied))
     assert common.output_weight(model) is not None
     mx.random.seed(3)

@@ -108,7 +108,8 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, mo
     assert frozen.shared == len(common.prompt_prefix_ids(tok))  # "...\nMessage:"
     positions = len(idx) * (train.collate(ex, idx)[0].shape[1] - 1 - shared)
     if remat:  # every block, or one of the two (what is kept: half the positions)
-        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 0 if remat == "all" else (positions + 1) // 2)
+        keep = 0 if remat == "all" else (positions + 1) // 2
+        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", keep)
     assert train.blocks_to_recompute(positions, 2) == {None: 0, "all": 2, "some": 1}[remat]
     (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2, shared)
     assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
