@@ -310,19 +310,19 @@ def _ce_kernels(fast_exp: bool):
         exp = mx.exp
 
     @mx.compile
-    def opening(z):  # the first chunk: running max m, e = exp(z - m), running sum s
+    def first_chunk(z):  # running max m, e = exp(z - m), running sum s
         m = z.max(axis=-1, keepdims=True)
         e = exp(z - m)
         return m, e, e.sum(axis=-1, keepdims=True)
 
     @mx.compile
-    def update(z, m, s):  # a later chunk: the new max, how much the old terms shrink, e, s
+    def next_chunk(z, m, s):  # the new max, how much the old terms shrink, e, the new sum
         new = mx.maximum(m, z.max(axis=-1, keepdims=True))
         shrink = exp(m - new)
         e = exp(z - new)
         return new, shrink, e, s * shrink + e.sum(axis=-1, keepdims=True)
 
-    return opening, update
+    return first_chunk, next_chunk
 
 
 def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = CE_ROWS,
@@ -345,7 +345,7 @@ def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = C
     x = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     spans = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
-    opening, update = _ce_kernels(on_cpu() and fast_ops_enabled())
+    first_chunk, next_chunk = _ce_kernels(on_cpu() and fast_ops_enabled())
 
     def loss_and_grad(x, t, with_grad, after=None):
         m = s = dh = None
@@ -354,10 +354,10 @@ def projected_cross_entropy(model, h: mx.array, targets: mx.array, rows: int = C
             inputs = x if after is None else mx.depends(x, after)  # compute all the logits
             z = (inputs @ w.T).astype(mx.float32)  # first (measured: 216 MB instead of 82)
             if m is None:
-                m, e, s = opening(z)
+                m, e, s = first_chunk(z)
                 dh = e @ w if with_grad else None
             else:
-                m, shrink, e, s = update(z, m, s)
+                m, shrink, e, s = next_chunk(z, m, s)
                 dh = dh * shrink + e @ w if with_grad else None
             after = dh if with_grad else s
         target = weight[t]
