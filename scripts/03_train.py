@@ -379,8 +379,8 @@ def loss_fn(model, ids, lengths, starts, states, completion_only: bool, first: i
 
 
 def summed_cross_entropy(model, h, targets, mask, grad: bool = True):
-    """Sum of the masked cross-entropy over the 49,152-word vocabulary, a few positions at a time
-    (common.projected_cross_entropy: bounded memory for a long batch's logits)."""
+    """Sum of the masked cross-entropy over the 49,152-word vocabulary, the output layer read in
+    chunks (common.projected_cross_entropy: bounded memory for a long batch's logits)."""
     return (common.projected_cross_entropy(model, h, targets, grad=grad) * mask).sum()
 
 
