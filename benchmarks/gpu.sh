@@ -8,8 +8,9 @@
 # Python (pip download ... --python-version X.Y, see README "Performance"); everything else
 # (numpy, transformers, scikit-learn, the nvidia-* libraries mlx-cuda-13 links to) is the
 # machine's own. runme.sh is pointed at that Python (no registry: setup is marked done). Then:
-# the end-to-end pipeline (a fresh ./runme.sh, step 1 included), the train and score benchmarks,
-# each under a time limit (E2E_S, TRAIN_S, SCORE_S seconds), going on past a failing part.
+# the end-to-end pipeline (a fresh ./runme.sh, step 1 included), the probe, the train and score
+# benchmarks, each under a time limit (E2E_S, PROBE_S, TRAIN_S, SCORE_S seconds; 0: skip it),
+# going on past a failing part.
 # Everything lands in $OUT, at most 8 files.
 #
 # How session 5 carried the packages (the device tool moves 64 MiB a call): here,
@@ -73,6 +74,8 @@ part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: 
   echo "$name exit $?" >> "$OUT/$name.log"
   tail -n 15 "$OUT/$name.log"
 }
+part "${PROBE_S:-120}" probe python3 benchmarks/probe.py --messages 128 --steps 20 \
+  --out "$OUT/bench_probe.json"
 part "${TRAIN_S:-150}" train python3 benchmarks/train.py --iters "${TRAIN_ITERS:-100}" \
   --mlx-lm-iters "${TRAIN_ITERS:-100}" --out "$OUT/bench_train.json"
 part "${SCORE_S:-100}" score python3 benchmarks/score.py --out "$OUT/bench_score.json"

@@ -287,17 +287,20 @@ def lower_blocks(model, ids: mx.array, first: int, caches=None) -> mx.array:
 
 HELD_OUT_STATES = ".held_out_states.safetensors"  # FrozenStates.spill's file in the run folder
 # Positions of a batch whose activations every block keeps (~1 MB a position for the 16 blocks
-# of the seed config): with 192, peak RSS over the whole seed run stays under 1.0 GB.
+# of the seed config): on a CPU, with 192, peak RSS over the whole seed run stays under 1.0 GB;
+# a GPU has the memory for any batch of the configs, and recomputing costs it launches.
 CHECKPOINT_TOKENS = 192
+CHECKPOINT_TOKENS_GPU = 16384
 
 
 def blocks_to_recompute(positions: int, blocks: int) -> int:
     """How many of `blocks` recompute their activations in the backward pass (mx.checkpoint)
     instead of keeping them, so that what is kept stays what CHECKPOINT_TOKENS positions
     through every block would keep: none for a short batch, all of them only in the limit."""
-    if positions <= CHECKPOINT_TOKENS:
+    keep = CHECKPOINT_TOKENS if common.on_cpu() else CHECKPOINT_TOKENS_GPU
+    if positions <= keep:
         return 0
-    return math.ceil(blocks * (1 - CHECKPOINT_TOKENS / positions))
+    return math.ceil(blocks * (1 - keep / positions))
 
 
 def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:

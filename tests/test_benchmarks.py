@@ -34,3 +34,14 @@ def test_score_benchmark_runs(tiny_model, data_dir, tmp_path):
     assert [o["batch"] for o in result["ours"]] == [1, 8]
     assert result["naive"]["messages"] == 3 and result["roofline_messages_per_s"] > 0
     assert all(0 < o["fraction_of_roofline"] for o in result["ours"])
+
+
+def test_probe_measures_each_variant(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "probe.json"
+    variants = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute"]
+    r = bench("probe.py", "--model", tiny_model, "--data", data_dir, "--messages", "8",
+              "--steps", "2", "--num-layers", "1", "--variants", *variants, "--out", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads(out.read_text())
+    for v in variants:
+        assert result[v]["scoring_again_s"] > 0 and result[v]["steps_one_shape_ms"] > 0, v

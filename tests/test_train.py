@@ -128,6 +128,8 @@ def test_long_batches_recompute_only_as_many_blocks_as_memory_needs(monkeypatch)
     assert [train.blocks_to_recompute(p, 16) for p in (100, 256, 257, 284, 512, 1024)] == \
         [0, 0, 1, 2, 8, 12]
     assert train.blocks_to_recompute(10**9, 16) == 16
+    monkeypatch.setattr(common, "on_cpu", lambda: False)  # a GPU keeps far longer batches
+    assert train.blocks_to_recompute(1024, 16) == 0 < train.blocks_to_recompute(10**9, 16)
 
 
 def test_choose_threshold_prefers_few_false_alarms():

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Where a backend's time goes: a batch shape met before against a new one, 4-bit against
+de-quantized weights, mlx-lm's attention against plain matrix products, recomputed blocks
+(mx.checkpoint) against kept activations.
+
+A GPU does a pass of this 135M model in well under a millisecond of arithmetic, so what a pass
+costs there is overhead: kernels launched, kernels compiled or planned for a shape not met
+before. This measures, on the current device, for each variant of the model:
+
+  scoring   common.score_logits over --messages test messages twice (first: shapes new; second:
+            the same shapes again), and warm passes of fixed shapes (batch x 40 positions)
+  training  03_train's step (LoRA on the last 16 blocks, frozen states, completion-only loss)
+            over --steps batches of the default config's data, then the same batches again,
+            then one batch repeated
+
+    python benchmarks/probe.py                        # every variant this device runs
+    python benchmarks/probe.py --variants dequantized --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
+import pipeline  # noqa: E402
+from common import UserError  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+# on a GPU (a CPU always recomputes long batches' blocks; 4-bit is slow there)
+VARIANTS = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute"]
+
+
+def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    """Grouped-query attention as matrix products and MLX's softmax (no fused kernel)."""
+    B, H, L, D = queries.shape
+    KV, S = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(B, KV, H // KV, L, D)
+    scores = (q @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
+    if isinstance(mask, str):
+        mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
+    if mask is not None:
+        scores = (mx.where(mask, scores, -math.inf) if mask.dtype == mx.bool_
+                  else scores + mask)
+    out = mx.softmax(scores, axis=-1).astype(values.dtype) @ values[:, :, None]
+    return out.reshape(B, H, L, D)
+
+
+def seconds(fn) -> float:
+    mx.synchronize()
+    tic = time.perf_counter()
+    mx.eval(fn())
+    mx.synchronize()
+    return time.perf_counter() - tic
+
+
+def probe(variant: str, args, T, out: dict):
+    from mlx_lm.models import llama
+
+    say = lambda text: print(f"[{variant}] {text}", flush=True)  # noqa: E731
+    original = llama.scaled_dot_product_attention
+    keep = T.CHECKPOINT_TOKENS_GPU
+    if "recompute" in variant:  # what a CPU does (03_train.blocks_to_recompute)
+        T.CHECKPOINT_TOKENS_GPU = T.CHECKPOINT_TOKENS
+    on_gpu = not common.on_cpu()
+    try:
+        tic = time.perf_counter()
+        model, tokenizer = common.load_model(args.model, dequantize=variant == "dequantized")
+        res = {"load_s": time.perf_counter() - tic}
+        if "plain-attention" in variant:  # after loading (which installs fastops' on a CPU)
+            llama.scaled_dot_product_attention = plain_attention
+        rows = common.read_jsonl(args.data / "test.jsonl")[: args.messages]
+        messages = [r["message"] for r in rows]
+        for name in ("scoring_first_s", "scoring_again_s"):
+            tic = time.perf_counter()
+            common.score_logits(model, tokenizer, messages)
+            res[name] = time.perf_counter() - tic
+            say(f"{name} {res[name]:.2f} s for {len(messages)} messages")
+        for batch in (1, 8, 64):
+            ids = mx.array(np.full((batch, 40), 100, dtype=np.int32))
+            seconds(lambda: common.hidden_states(model, ids))
+            res[f"pass_{batch}x40_ms"] = 1000 * min(
+                seconds(lambda: common.hidden_states(model, ids)) for _ in range(5))
+            say(f"pass {batch}x40 {res[f'pass_{batch}x40_ms']:.1f} ms")
+
+        cfg = T.load_config("default", {"iters": args.steps, "num_layers": args.num_layers})
+        train_rows = common.read_jsonl(args.data / "train_all.jsonl")
+        ex = T.tokenize(tokenizer, train_rows, cfg.max_seq_length)
+        batches = T.make_batches(ex, cfg.batch_size)
+        order = [T.batch_at(s, batches, cfg.seed) for s in range(args.steps)]
+        T.add_lora(model, cfg)
+        first = len(model.layers) - cfg.num_layers
+        frozen = T.FrozenStates(model, ex, first, {i for b in order for i in b})
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+
+        step_fn = nn.value_and_grad(model, lambda m, *b: T.loss_fn(
+            m, *b, True, first, frozen.shared))
+        opt = optim.Adam(learning_rate=1e-5)
+
+        def step(idx):
+            (loss, _), grads = step_fn(model, *T.collate(ex, idx, frozen))
+            opt.update(model, grads)
+            return model.parameters(), opt.state, loss
+
+        for name, batches_run in (("steps_first", order), ("steps_again", order),
+                                  ("steps_one_shape", [order[0]] * len(order))):
+            times = [seconds(lambda: step(idx)) for idx in batches_run]
+            res[f"{name}_ms"] = 1000 * float(np.median(times))
+            res[f"{name}_total_s"] = float(sum(times))
+            say(f"{name}: median {res[f'{name}_ms']:.1f} ms, total {sum(times):.2f} s "
+                f"({len(times)} steps, {len({(len(b), max(len(ex[i][0]) for i in b)) for b in batches_run})} shapes)")
+        res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        out[variant] = res
+        del model, frozen, step_fn, opt
+        common.release_memory()
+        if on_gpu:
+            mx.reset_peak_memory()
+    finally:
+        llama.scaled_dot_product_attention = original
+        T.CHECKPOINT_TOKENS_GPU = keep
+
+
+@common.cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=common.BASELINE_DIR)
+    p.add_argument("--data", type=Path, default=common.DATA_DIR)
+    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
+                   help="default: all on a GPU; de-quantized only on a CPU (4-bit is slow there)")
+    p.add_argument("--messages", type=int, default=256)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--num-layers", type=int, default=None, help="LoRA blocks (default: config's)")
+    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_probe.json")
+    args = p.parse_args(argv)
+    if args.messages < 1 or args.steps < 1:
+        raise UserError("--messages and --steps must be positive")
+    common.require_model(args.model)
+    variants = args.variants or (VARIANTS if not common.on_cpu() else ["dequantized"])
+    T = pipeline.load_script("03_train.py")
+    out = {"device": str(mx.default_device()), "mlx": mx.__version__}
+    print(out, flush=True)
+    for variant in variants:
+        probe(variant, args, T, out)
+        common.atomic_write_json(args.out, out)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
