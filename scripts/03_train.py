@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -556,6 +557,9 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         done = saved["step"]
         restore_checkpoint(folder, saved, model, optimizer, run_dir)
         log(f"Resumed from the checkpoint after iteration {done}")
+    else:
+        optimizer.init(model.trainable_parameters())
+    update = compiled_update(model, optimizer)  # after the state is what it will stay
     history = progress["history"]
 
     def snapshot(step):  # arrays are immutable: holding them is free, and a crash mid-step
@@ -578,7 +582,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
             batch = collate(train_ex, batch_of(it - 1), train_frozen)
             (loss, ntoks), grads = value_and_grad(model, *batch)
-            optimizer.update(model, grads)
+            update(grads)
             mx.eval(model.parameters(), optimizer.state, loss, ntoks)
             loss_value = loss.item()
             check_explosion(loss_value, it, progress, model, run_dir, cfg)
@@ -627,6 +631,17 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         probs = common.p_spam(model, tokenizer, [r["message"]
                                                  for r in list(valid_rows) + list(held_out_rows)])
     return history, probs
+
+
+def compiled_update(model, optimizer):
+    """optimizer.update(model, grads) as one compiled function: each parameter's Adam update is
+    one fused operation instead of about ten, ~2,000 fewer operations a step (224 LoRA matrices
+    in the default config). A GPU step of 8 messages costs what its operations' launches cost
+    (~130 ms on an H200, README "Performance"); on this CPU the update takes 5 ms instead of 16.
+    The same numbers bit for bit on a CPU (tests/test_train.py)."""
+    state = [model.state, optimizer.state]
+    return partial(mx.compile, inputs=state, outputs=state)(
+        lambda grads: optimizer.update(model, grads))
 
 
 def release_blocks(model, first: int):

@@ -132,6 +132,29 @@ def test_long_batches_recompute_only_as_many_blocks_as_memory_needs(monkeypatch)
     assert train.blocks_to_recompute(1024, 16) == 0 < train.blocks_to_recompute(10**9, 16)
 
 
+def test_compiled_update_is_the_optimizers_own_bit_for_bit(tiny_model):
+    import mlx.optimizers as optim
+
+    results = []
+    for compiled in (False, True):
+        model, _ = common.load_model(tiny_model)
+        train.add_lora(model, train.TrainConfig(num_layers=2, seed=1))
+        optimizer = optim.Adam(learning_rate=optim.cosine_decay(1e-2, 5, 1e-3))
+        optimizer.init(model.trainable_parameters())
+        update = train.compiled_update(model, optimizer) if compiled else \
+            (lambda grads: optimizer.update(model, grads))
+        mx.random.seed(0)
+        for _ in range(4):  # the schedule, the step count and both moments go through it
+            grads = {k: mx.random.normal(v.shape) for k, v in
+                     tree_flatten(model.trainable_parameters())}
+            update(tree_unflatten(list(grads.items())))
+            mx.eval(model.parameters(), optimizer.state)
+        results.append(dict(tree_flatten(model.trainable_parameters())))
+    assert results[0].keys() == results[1].keys()
+    assert all(mx.array_equal(results[0][k], results[1][k]).item() for k in results[0])
+    assert any(k.endswith("lora_b") and mx.abs(v).max().item() > 0 for k, v in results[1].items())
+
+
 def test_choose_threshold_prefers_few_false_alarms():
     p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
     is_spam = np.array([False, False, False, True, True, True])
