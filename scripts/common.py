@@ -573,10 +573,21 @@ class Opening:
 
 
 def _prefix_cache(model, prefix: list[int]) -> list[Opening]:
-    """Per-layer keys and values of the shared prompt opening, computed once."""
+    """Per-layer keys and values of the shared prompt opening, computed once per model and
+    weights: kept on the model with the very weight arrays it came from, and computed again when
+    any of them is another array (MLX arrays never change in place). A call of a few messages
+    (the server's, the chat's) would otherwise spend a third of its time on the opening."""
+    from mlx.utils import tree_flatten
+
+    weights = [w for _, w in tree_flatten(model.parameters())]
+    kept = model.__dict__.get("_opening")
+    if kept and kept[0] == prefix and len(kept[1]) == len(weights) \
+            and all(a is b for a, b in zip(kept[1], weights)):
+        return kept[2]
     cache = [Opening() for _ in model.layers]
     model.model(mx.array([prefix]), cache=cache)
     mx.eval([(c.keys, c.values) for c in cache])
+    object.__setattr__(model, "_opening", (list(prefix), weights, cache))  # not a parameter
     return cache
 
 

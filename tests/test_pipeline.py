@@ -207,6 +207,24 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny_model, data_dir, monkeyp
     np.testing.assert_allclose(single, full[:5], atol=1e-4)  # padding never leaks into a score
 
 
+def test_the_openings_keys_are_computed_again_only_when_the_weights_change(tiny_model, data_dir):
+    from mlx.utils import tree_flatten
+
+    model, tok = common.load_model(tiny_model)
+    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:8]]
+    prefix = common.prompt_prefix_ids(tok)
+    before = common.score_logits(model, tok, messages)
+    assert common._prefix_cache(model, prefix) is common._prefix_cache(model, prefix)
+    assert not any("opening" in k for k, _ in tree_flatten(model.parameters()))  # never saved
+    norm = model.layers[0].input_layernorm
+    norm.weight = norm.weight * 3  # new weights in the same model object
+    after = common.score_logits(model, tok, messages)
+    fresh, _ = common.load_model(tiny_model)
+    fresh.layers[0].input_layernorm.weight = fresh.layers[0].input_layernorm.weight * 3
+    np.testing.assert_allclose(after, common.score_logits(fresh, tok, messages), atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3
+
+
 def test_bulk_scoring_resumes_an_interrupted_output(tmp_path, tiny_model):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"message number {i}\n" for i in range(7)))
