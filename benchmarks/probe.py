@@ -10,9 +10,10 @@ before. This measures, on the current device, for each variant of the model:
 
   scoring   common.score_logits over --messages test messages twice (first: shapes new; second:
             the same shapes again), and warm passes of fixed shapes (batch x 40 positions)
-  training  03_train's step (LoRA on the last 16 blocks, frozen states, completion-only loss)
-            over --steps batches of the default config's data, then the same batches again,
-            then one batch repeated
+  training  03_train's step (LoRA on the last 16 blocks, frozen states, completion-only loss;
+            operation by operation with the update compiled, or all of it compiled for the
+            compiled-step variant, as 03_train does on a GPU) over --steps batches of the default
+            config's data, then the same batches again, then one batch repeated
 
     python benchmarks/probe.py                        # every variant this device runs
     python benchmarks/probe.py --variants dequantized --steps 10
@@ -25,7 +26,6 @@ import json
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,6 @@ import numpy as np  # noqa: E402
 # on a GPU (a CPU always recomputes long batches' blocks; 4-bit is slow there)
 VARIANTS = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute",
             "4-bit+compiled-step"]
-PAD = 32  # compiled-step: batch widths rounded up to a multiple of this (as mlx-lm pads)
 
 
 def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
@@ -58,18 +57,6 @@ def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
     return out.reshape(B, H, L, D)
 
 
-def padded(batch, multiple: int):
-    """03_train.collate's batch with its width rounded up to a multiple: more padding at the
-    end of every row, which no real position sees (causal attention) and no loss counts."""
-    ids, lengths, starts, states = batch
-    width = -(-ids.shape[1] // multiple) * multiple
-    extra = width - ids.shape[1]
-    if extra:
-        ids = mx.pad(ids, [(0, 0), (0, extra)])
-        states = mx.pad(states, [(0, 0), (0, extra), (0, 0)])
-    return ids, lengths, starts, states
-
-
 def seconds(fn) -> float:
     mx.synchronize()
     tic = time.perf_counter()
@@ -83,7 +70,7 @@ def probe(variant: str, args, T, out: dict):
 
     say = lambda text: print(f"[{variant}] {text}", flush=True)  # noqa: E731
     original = llama.scaled_dot_product_attention
-    keep = T.CHECKPOINT_TOKENS_GPU
+    keep = T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step
     if "recompute" in variant:  # what a CPU does (03_train.blocks_to_recompute)
         T.CHECKPOINT_TOKENS_GPU = T.CHECKPOINT_TOKENS
     on_gpu = not common.on_cpu()
@@ -122,31 +109,20 @@ def probe(variant: str, args, T, out: dict):
             m, *b, True, first, frozen.shared))
         opt = optim.Adam(learning_rate=1e-5)
         opt.init(model.trainable_parameters())
-        if "compiled-step" in variant:  # the whole step one compiled function, per padded shape
+        compiled = "compiled-step" in variant  # else operation by operation, the update compiled
+        T.compile_whole_step = lambda: compiled
+        if compiled:
             def loss(*b):
                 return T.loss_fn(model, *b, True, first, frozen.shared)[0]
 
             batch = T.collate(ex, order[0], frozen)  # padding and compiling change no loss
             res["padded_compiled_loss_diff"] = abs(
-                mx.compile(loss)(*padded(batch, PAD)).item() - loss(*batch).item())
+                mx.compile(loss)(*T.padded(batch, T.STEP_WIDTH)).item() - loss(*batch).item())
             say(f"padded + compiled loss - plain loss: {res['padded_compiled_loss_diff']:.2e}")
-            state = [model.state, opt.state]
+        train_step = T.training_step(model, opt, step_fn)
 
-            @partial(mx.compile, inputs=state, outputs=state)
-            def fused(*batch):
-                (loss, _), grads = step_fn(model, *batch)
-                opt.update(model, grads)
-                return loss
-
-            def step(idx):
-                return fused(*padded(T.collate(ex, idx, frozen), PAD))
-        else:  # as 03_train steps
-            update = T.compiled_update(model, opt)
-
-            def step(idx):
-                (loss, _), grads = step_fn(model, *T.collate(ex, idx, frozen))
-                update(grads)
-                return model.parameters(), opt.state, loss
+        def step(idx):
+            return model.parameters(), opt.state, train_step(*T.collate(ex, idx, frozen))
 
         for name, batches_run in (("steps_first", order), ("steps_again", order),
                                   ("steps_one_shape", [order[0]] * len(order))):
@@ -163,7 +139,7 @@ def probe(variant: str, args, T, out: dict):
             mx.reset_peak_memory()
     finally:
         llama.scaled_dot_product_attention = original
-        T.CHECKPOINT_TOKENS_GPU = keep
+        T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step = keep
 
 
 @common.cli

@@ -559,7 +559,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         log(f"Resumed from the checkpoint after iteration {done}")
     else:
         optimizer.init(model.trainable_parameters())
-    update = compiled_update(model, optimizer)  # after the state is what it will stay
+    step = training_step(model, optimizer, value_and_grad)  # after the state is what it will stay
     history = progress["history"]
 
     def snapshot(step):  # arrays are immutable: holding them is free, and a crash mid-step
@@ -581,8 +581,7 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             tic = time.perf_counter()
             mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
             batch = collate(train_ex, batch_of(it - 1), train_frozen)
-            (loss, ntoks), grads = value_and_grad(model, *batch)
-            update(grads)
+            loss, ntoks = step(*batch)
             mx.eval(model.parameters(), optimizer.state, loss, ntoks)
             loss_value = loss.item()
             check_explosion(loss_value, it, progress, model, run_dir, cfg)
@@ -631,6 +630,55 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
         probs = common.p_spam(model, tokenizer, [r["message"]
                                                  for r in list(valid_rows) + list(held_out_rows)])
     return history, probs
+
+
+STEP_WIDTH = 32  # a compiled step's batches are padded to a multiple of this many positions
+
+
+def compile_whole_step() -> bool:
+    """On a GPU a step of 8 messages costs what launching its ~20,000 operations costs (README
+    "Performance"), so the whole step is compiled there (as mlx-lm does): fused elementwise
+    work, one graph per padded batch width. On a CPU the arithmetic dominates, and padding would
+    add to it: the step runs operation by operation, with only the update compiled."""
+    return not common.on_cpu()
+
+
+def padded(batch, multiple: int):
+    """collate()'s batch with its width rounded up to a multiple: more padding at the end of
+    every row, which no real position attends to (causal) and no loss counts."""
+    ids, lengths, starts, states = batch
+    extra = -ids.shape[1] % multiple
+    if extra:
+        ids = mx.pad(ids, [(0, 0), (0, extra)])
+        states = None if states is None else mx.pad(states, [(0, 0), (0, extra), (0, 0)])
+    return ids, lengths, starts, states
+
+
+def training_step(model, optimizer, value_and_grad):
+    """step(ids, lengths, starts, states) -> (loss, tokens): the gradients, then the update."""
+    if not compile_whole_step():
+        update = compiled_update(model, optimizer)
+
+        def step(*batch):
+            (loss, ntoks), grads = value_and_grad(model, *batch)
+            update(grads)
+            return loss, ntoks
+
+        return step
+    state = [model.state, optimizer.state, mx.random.state]  # dropout noise goes through too
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def compiled(ids, lengths, starts, *states):  # no frozen states: called without them
+        (loss, ntoks), grads = value_and_grad(model, ids, lengths, starts,
+                                              states[0] if states else None)
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    def step(*batch):
+        ids, lengths, starts, states = padded(batch, STEP_WIDTH)
+        return compiled(ids, lengths, starts, *([] if states is None else [states]))
+
+    return step
 
 
 def compiled_update(model, optimizer):

@@ -155,6 +155,63 @@ def test_compiled_update_is_the_optimizers_own_bit_for_bit(tiny_model):
     assert any(k.endswith("lora_b") and mx.abs(v).max().item() > 0 for k, v in results[1].items())
 
 
+@pytest.mark.parametrize("layers", [1, 2])  # from frozen states (block 0 frozen), from ids
+def test_the_whole_step_compiled_trains_as_the_plain_step(tmp_path, tiny_model, data_dir,
+                                                          monkeypatch, layers):
+    """A GPU's step (one compiled function on batches padded to 32 positions), forced here on a
+    CPU: the same adapter as the step run operation by operation."""
+    runs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(train, "compile_whole_step", lambda: compiled)
+        ad = tmp_path / f"adapters{int(compiled)}"
+        train.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
+                    "--adapter-path", str(ad), "--reports", str(tmp_path / f"r{int(compiled)}"),
+                    "--iters", "12", "--num-layers", str(layers), "--steps-per-eval", "6"])
+        runs[compiled] = (mx.load(str(ad / "final_adapters.safetensors")),
+                          json.loads((ad / "history.json").read_text()))
+    (plain, h0), (fused, h1) = runs[False], runs[True]
+    for k in plain:
+        assert mx.allclose(plain[k], fused[k], atol=1e-5, rtol=1e-4), k
+    assert [e["train_loss"] for e in h0["train"]] == pytest.approx(
+        [e["train_loss"] for e in h1["train"]], rel=1e-4)
+    assert any(mx.abs(v).max().item() > 0 for k, v in fused.items() if k.endswith("lora_b"))
+
+
+def test_a_compiled_steps_dropout_noise_comes_from_the_step_seed(tiny_model, monkeypatch):
+    import mlx.optimizers as optim
+
+    monkeypatch.setattr(train, "compile_whole_step", lambda: True)
+    model, tok = common.load_model(tiny_model)
+    train.add_lora(model, train.TrainConfig(num_layers=2, lora_dropout=0.5))
+    model.train()  # dropout on, as in 03_train's steps
+    for name, p in tree_flatten(model.trainable_parameters()):  # non-zero B: the noise shows
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.1)]))
+    optimizer = optim.Adam(learning_rate=0.0)  # the weights stay: only the noise differs
+    optimizer.init(model.trainable_parameters())
+    vg = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, False))
+    step = train.training_step(model, optimizer, vg)
+    ex = train.tokenize(tok, [{"message": "WIN a prize now!!", "label": "spam"}], 64)
+    losses = []
+    for seed in (1, 2, 1):  # 03_train seeds every step
+        mx.random.seed(seed)
+        losses.append(step(*train.collate(ex, [0]))[0].item())
+    assert losses[0] == losses[2] != losses[1]
+
+
+def test_padding_a_batch_changes_no_loss(tiny_model):
+    model, tok = common.load_model(tiny_model)
+    rows = [{"message": m, "label": l} for m, l in [("WIN a prize now!!", "spam"), ("ok", "ham")]]
+    ex = train.tokenize(tok, rows, 64)
+    batch = train.collate(ex, [0, 1])
+    wide = train.padded(batch, 32)
+    assert wide[0].shape[1] % 32 == 0 and wide[0].shape[1] > batch[0].shape[1]
+    for completion_only in (True, False):
+        a, n = train.loss_fn(model, *batch, completion_only)
+        b, m = train.loss_fn(model, *wide, completion_only)
+        assert n.item() == m.item() and abs(a.item() - b.item()) < 1e-6
+
+
 def test_choose_threshold_prefers_few_false_alarms():
     p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
     is_spam = np.array([False, False, False, True, True, True])
