@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,17 +43,11 @@ VARIANTS = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute",
 
 def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """Grouped-query attention as matrix products and MLX's softmax (no fused kernel)."""
-    B, H, L, D = queries.shape
-    KV, S = keys.shape[1], keys.shape[2]
-    q = (queries * scale).reshape(B, KV, H // KV, L, D)
-    scores = (q @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
-    if isinstance(mask, str):
-        mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
-    if mask is not None:
-        scores = (mx.where(mask, scores, -math.inf) if mask.dtype == mx.bool_
-                  else scores + mask)
-    out = mx.softmax(scores, axis=-1).astype(values.dtype) @ values[:, :, None]
-    return out.reshape(B, H, L, D)
+    import fastops
+
+    return fastops.scaled_dot_product_attention(
+        queries, keys, values, cache, scale, mask, sinks,
+        softmax=lambda x: mx.softmax(x.astype(mx.float32), axis=-1).astype(x.dtype))
 
 
 def seconds(fn) -> float:

@@ -95,9 +95,11 @@ def cross_entropy(logits, targets):
     return logsumexp(logits) - picked
 
 
-def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    """mlx-lm's attention call (grouped-query), with the softmax above. queries (B, H, L, D);
-    keys and values (B, KV, S, D); mask None, "causal", boolean or additive (L, S)."""
+def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None,
+                                 softmax=softmax):
+    """mlx-lm's attention call (grouped-query), with the softmax above (or another: the GPU
+    probe's). queries (B, H, L, D); keys and values (B, KV, S, D); mask None, "causal", boolean
+    or additive (L, S)."""
     if sinks is not None or hasattr(cache, "bits"):
         from mlx_lm.models.base import scaled_dot_product_attention as original
         return original(queries, keys, values, cache, scale, mask, sinks)
