@@ -8,9 +8,9 @@
 # Python (pip download ... --python-version X.Y, see README "Performance"); everything else
 # (numpy, transformers, scikit-learn, the nvidia-* libraries mlx-cuda-13 links to) is the
 # machine's own. runme.sh is pointed at that Python (no registry: setup is marked done). Then:
-# the end-to-end pipeline (a fresh ./runme.sh, step 1 included), the probe, the train and score
-# benchmarks, each under a time limit (E2E_S, PROBE_S, TRAIN_S, SCORE_S seconds; 0: skip it),
-# going on past a failing part.
+# the end-to-end pipeline (a fresh ./runme.sh, step 1 included; E2E2_S: once more), the probe, the
+# train and score benchmarks, each under a time limit (E2E_S, E2E2_S, PROBE_S, TRAIN_S, SCORE_S
+# seconds; 0: skip it; PROBE_VARIANTS: the probe's --variants), going on past a failing part.
 # Everything lands in $OUT, at most 8 files.
 #
 # How session 5 carried the packages (the device tool moves 64 MiB a call): here,
@@ -38,10 +38,13 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi -L
   python3 -c 'import sys; print(sys.version)'
-  # What a step's start costs: the imports every step makes (as a new process would).
-  TIMEFORMAT="import common + mlx_lm + first op: %R s wall"
-  time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common, mlx_lm.utils
-import mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch imported:", "torch" in sys.modules)'
+  # What a run's start costs: the imports (the first time: Python compiles them to byte code),
+  # again, and with transformers told to leave PyTorch alone (USE_TORCH=0).
+  for env in "" "" USE_TORCH=0; do
+    TIMEFORMAT="import common + mlx_lm + first op ${env:-(as is)}: %R s wall"
+    time env $env python3 -c 'import sys; sys.path.insert(0, "scripts"); import common
+import mlx_lm.utils, mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch:", "torch" in sys.modules)'
+  done
   python3 - <<'EOF'
 import time, mlx.core as mx
 print("mlx", mx.__version__, mx.default_device())
@@ -63,10 +66,26 @@ chmod +x /tmp/venv/bin/python
 cat requirements.txt runme.sh | sha256sum | cut -d' ' -f1 > /tmp/venv/.requirements.sha256
 export VENV=/tmp/venv
 
-timeout "${E2E_S:-300}" python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json" > "$OUT/e2e.log" 2>&1
-echo "e2e exit $?" >> "$OUT/e2e.log"
-grep -v "^Iter" "$OUT/e2e.log" | tail -n 40
+e2e() {  # e2e NAME SECONDS [VAR=VALUE...]: a whole ./runme.sh under a time limit (0: skip it)
+  local name="$1" seconds="$2" code; shift 2
+  [ "$seconds" = 0 ] && return 0
+  timeout "$seconds" env "$@" python3 benchmarks/e2e.py --out "$OUT/bench_$name.json" \
+    > "$OUT/$name.log" 2>&1
+  code=$?
+  # MLX's CUDA kernels compiled so far (cached on disk: a later process loads them)
+  echo "$name exit $code; kernels in MLX's cache: $(ls /tmp/mlx/*/ptx 2>/dev/null |
+    grep -c '[.]ptx$')" >> "$OUT/$name.log"
+  grep -v "^Iter" "$OUT/$name.log" | tail -n 40
+  return "$code"
+}
+e2e e2e "${E2E_S:-300}"
+code=$?
 cp reports/report.md "$OUT/" 2>/dev/null
+# E2E2_S: a second whole run, on a machine whose kernels the first compiled; after a first run
+# that failed (not stopped by its limit), with the training step left uncompiled.
+fallback=()
+[ "$code" != 0 ] && [ "$code" != 124 ] && fallback=(SMS_LORA_COMPILE_STEP=0)
+e2e e2e2 "${E2E2_S:-0}" ${fallback[@]+"${fallback[@]}"}
 part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: skip it)
   local seconds="$1" name="$2"; shift 2
   [ "$seconds" = 0 ] && return
@@ -75,6 +94,7 @@ part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: 
   tail -n 15 "$OUT/$name.log"
 }
 part "${PROBE_S:-120}" probe python3 benchmarks/probe.py --messages 128 --steps 20 \
+  ${PROBE_VARIANTS:+--variants $PROBE_VARIANTS} \
   --out "$OUT/bench_probe.json"
 part "${TRAIN_S:-150}" train python3 benchmarks/train.py --iters "${TRAIN_ITERS:-100}" \
   --mlx-lm-iters "${TRAIN_ITERS:-100}" --out "$OUT/bench_train.json"

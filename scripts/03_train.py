@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -639,8 +640,12 @@ def compile_whole_step() -> bool:
     """On a GPU a step of 8 messages costs what launching its ~20,000 operations costs (README
     "Performance"), so the whole step is compiled there (as mlx-lm does): fused elementwise
     work, one graph per padded batch width. On a CPU the arithmetic dominates, and padding would
-    add to it: the step runs operation by operation, with only the update compiled."""
-    return not common.on_cpu()
+    add to it: the step runs operation by operation, with only the update compiled.
+    SMS_LORA_COMPILE_STEP=1 or 0 chooses either way on any device (same results, tests)."""
+    choice = os.environ.get("SMS_LORA_COMPILE_STEP", "")
+    if choice not in ("", "0", "1"):
+        raise UserError(f"SMS_LORA_COMPILE_STEP={choice!r}: use 1 (compile the whole step) or 0")
+    return not common.on_cpu() if choice == "" else choice == "1"
 
 
 def padded(batch, multiple: int):

@@ -177,6 +177,17 @@ def test_the_whole_step_compiled_trains_as_the_plain_step(tmp_path, tiny_model, 
     assert any(mx.abs(v).max().item() > 0 for k, v in fused.items() if k.endswith("lora_b"))
 
 
+def test_the_compiled_step_is_chosen_by_device_or_by_the_environment(monkeypatch):
+    monkeypatch.delenv("SMS_LORA_COMPILE_STEP", raising=False)
+    assert train.compile_whole_step() is (not common.on_cpu())
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("SMS_LORA_COMPILE_STEP", value)
+        assert train.compile_whole_step() is want
+    monkeypatch.setenv("SMS_LORA_COMPILE_STEP", "yes")
+    with pytest.raises(common.UserError, match="SMS_LORA_COMPILE_STEP='yes'"):
+        train.compile_whole_step()
+
+
 def test_a_compiled_steps_dropout_noise_comes_from_the_step_seed(tiny_model, monkeypatch):
     import mlx.optimizers as optim
 
