@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """Where a backend's time goes: a batch shape met before against a new one, 4-bit against
-de-quantized weights, mlx-lm's attention against plain matrix products, recomputed blocks
-(mx.checkpoint) against kept activations, the whole training step compiled (as mlx-lm does, on
-batches padded to a multiple of 32 positions) against operation by operation.
+de-quantized weights, the prompt's opening run once a batch (the CPU's way) against in every row
+(the GPU's), mlx-lm's attention against plain matrix products, recomputed blocks (mx.checkpoint)
+against kept activations, the whole training step compiled (SMS_LORA_COMPILE_STEP=1: as mlx-lm
+does, on batches padded to a multiple of 32 positions) against operation by operation.
 
 A GPU does a pass of this 135M model in well under a millisecond of arithmetic, so what a pass
 costs there is overhead: kernels launched, kernels compiled or planned for a shape not met
 before. This measures, on the current device, for each variant of the model:
 
   scoring   common.score_logits over --messages test messages twice (first: shapes new; second:
-            the same shapes again), and warm passes of fixed shapes (batch x 40 positions)
+            the same shapes again; --messages 0: skipped), and warm passes of fixed shapes
+            (batch x 40 positions)
   training  03_train's step (LoRA on the last 16 blocks, frozen states, completion-only loss;
-            operation by operation with the update compiled, or all of it compiled for the
-            compiled-step variant, as 03_train does on a GPU) over --steps batches of the default
-            config's data, then the same batches again, then one batch repeated
+            operation by operation with the update compiled, as 03_train runs it, or all of it
+            compiled for the compiled-step variant) over --steps batches of the default config's
+            data, then the same batches again, then one batch repeated; and how many operations
+            a step's graph holds
 
     python benchmarks/probe.py                        # every variant this device runs
     python benchmarks/probe.py --variants dequantized --steps 10
@@ -22,6 +25,7 @@ before. This measures, on the current device, for each variant of the model:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -35,10 +39,11 @@ from common import UserError  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 # all of them by default on a GPU; on a CPU only "dequantized" (the CPU's own path: 4-bit is slow)
-VARIANTS = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute",
-            "4-bit+compiled-step"]
+VARIANTS = ["4-bit", "4-bit+opening-once", "dequantized", "4-bit+plain-attention",
+            "4-bit+recompute", "4-bit+compiled-step"]
 
 
 def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
@@ -48,6 +53,13 @@ def plain_attention(queries, keys, values, cache, scale, mask, sinks=None):
     return fastops.scaled_dot_product_attention(
         queries, keys, values, cache, scale, mask, sinks,
         softmax=lambda x: mx.softmax(x.astype(mx.float32), axis=-1).astype(x.dtype))
+
+
+def operations(*arrays) -> int:
+    """How many operations evaluating these arrays would run (their graph, mx.export_to_dot)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return dot.getvalue().count("shape=rectangle")
 
 
 def seconds(fn) -> float:
@@ -63,9 +75,11 @@ def probe(variant: str, args, T, out: dict):
 
     say = lambda text: print(f"[{variant}] {text}", flush=True)  # noqa: E731
     original = llama.scaled_dot_product_attention
-    keep = T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step
+    keep = T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step, T.opening_shared
     if "recompute" in variant:  # what a CPU does (03_train.blocks_to_recompute)
         T.CHECKPOINT_TOKENS_GPU = T.CHECKPOINT_TOKENS
+    if "opening-once" in variant:  # what a CPU does (03_train.opening_shared)
+        T.opening_shared = lambda frozen: frozen.shared
     on_gpu = not common.on_cpu()
     try:
         tic = time.perf_counter()
@@ -75,7 +89,7 @@ def probe(variant: str, args, T, out: dict):
             llama.scaled_dot_product_attention = plain_attention
         rows = common.read_jsonl(args.data / "test.jsonl")[: args.messages]
         messages = [r["message"] for r in rows]
-        for name in ("scoring_first_s", "scoring_again_s"):
+        for name in ("scoring_first_s", "scoring_again_s") if messages else ():
             tic = time.perf_counter()
             common.score_logits(model, tokenizer, messages)
             res[name] = time.perf_counter() - tic
@@ -98,15 +112,20 @@ def probe(variant: str, args, T, out: dict):
         import mlx.nn as nn
         import mlx.optimizers as optim
 
+        shared = T.opening_shared(frozen)
         step_fn = nn.value_and_grad(model, lambda m, *b: T.loss_fn(
-            m, *b, True, first, frozen.shared))
+            m, *b, True, first, shared))
+        (loss, _), grads = step_fn(model, *T.collate(ex, order[0], frozen))
+        res["operations_per_step"] = operations(loss, *(g for _, g in tree_flatten(grads))) + \
+            (224 if "compiled" not in variant else 0)  # + the compiled update's fused ones
+        say(f"operations of a step's gradients + the update: {res['operations_per_step']}")
         opt = optim.Adam(learning_rate=1e-5)
         opt.init(model.trainable_parameters())
         compiled = "compiled-step" in variant  # else operation by operation, the update compiled
         T.compile_whole_step = lambda: compiled
         if compiled:
             def loss(*b):
-                return T.loss_fn(model, *b, True, first, frozen.shared)[0]
+                return T.loss_fn(model, *b, True, first, shared)[0]
 
             batch = T.collate(ex, order[0], frozen)  # padding and compiling change no loss
             res["padded_compiled_loss_diff"] = abs(
@@ -133,7 +152,7 @@ def probe(variant: str, args, T, out: dict):
             mx.reset_peak_memory()
     finally:
         llama.scaled_dot_product_attention = original
-        T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step = keep
+        T.CHECKPOINT_TOKENS_GPU, T.compile_whole_step, T.opening_shared = keep
 
 
 @common.cli
@@ -148,8 +167,8 @@ def main(argv=None):
     p.add_argument("--num-layers", type=int, default=None, help="LoRA blocks (default: config's)")
     p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_probe.json")
     args = p.parse_args(argv)
-    if args.messages < 1 or args.steps < 1:
-        raise UserError("--messages and --steps must be positive")
+    if args.messages < 0 or args.steps < 1:
+        raise UserError("--messages must be 0 (no scoring) or more, --steps positive")
     common.require_model(args.model)
     variants = args.variants or (VARIANTS if not common.on_cpu() else ["dequantized"])
     T = pipeline.load_script("03_train.py")

@@ -343,6 +343,15 @@ def checkpointed(layer, h: mx.array, kv=()) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *kv)
 
 
+def opening_shared(frozen: FrozenStates) -> int:
+    """upper_blocks' `shared` for steps from these states: on a CPU the opening's positions,
+    which the LoRA blocks then run once a batch (a third fewer positions, README "Performance");
+    on a GPU 0, every row carrying its own copy: there a step costs its operations (~13 µs each
+    on an H200), and the opening's pass of its own adds a third to them. The same loss either
+    way (tests/test_train.py)."""
+    return frozen.shared if common.on_cpu() else 0
+
+
 def frozen_prefix_supported(model) -> bool:
     """The llama family's layout (embed_tokens -> layers -> norm), which the split above follows."""
     inner = getattr(model, "model", None)
@@ -402,7 +411,7 @@ def token_batches(examples, indices, budget: int) -> list[list[int]]:
 
 def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> float:
     total, count = 0.0, 0
-    first, shared = (frozen.first, frozen.shared) if frozen is not None else (0, 0)
+    first, shared = (frozen.first, opening_shared(frozen)) if frozen is not None else (0, 0)
     for idx in batches:
         loss, n = loss_fn(model, *collate(examples, idx, frozen), completion_only, first, shared,
                           grad=False)
@@ -545,7 +554,8 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             f"{len(select_ex)} validation and held-out messages computed once "
             f"({nbytes / 1e6:.0f} MB, "
             f"{time.perf_counter() - tic:.1f}s)")
-    train_first, shared = (first, train_frozen.shared) if train_frozen is not None else (0, 0)
+    train_first, shared = (first, opening_shared(train_frozen)) if train_frozen is not None \
+        else (0, 0)
     value_and_grad = nn.value_and_grad(
         model, lambda m, *b: loss_fn(m, *b, completion_only, train_first, shared))
 
@@ -637,15 +647,15 @@ STEP_WIDTH = 32  # a compiled step's batches are padded to a multiple of this ma
 
 
 def compile_whole_step() -> bool:
-    """On a GPU a step of 8 messages costs what launching its ~20,000 operations costs (README
-    "Performance"), so the whole step is compiled there (as mlx-lm does): fused elementwise
-    work, one graph per padded batch width. On a CPU the arithmetic dominates, and padding would
-    add to it: the step runs operation by operation, with only the update compiled.
-    SMS_LORA_COMPILE_STEP=1 or 0 chooses either way on any device (same results, tests)."""
+    """Whether a step is one compiled function (gradients and update, as mlx-lm does, one graph
+    per padded batch width) instead of operations with only the update compiled. Off by
+    default: on an H200 (session 9, README "Performance") it was slower, 102-112 ms a step
+    against 76-83, and a fresh machine spent minutes compiling its kernels; on a CPU padding
+    adds arithmetic. SMS_LORA_COMPILE_STEP=1 turns it on (the same adapter, tests)."""
     choice = os.environ.get("SMS_LORA_COMPILE_STEP", "")
     if choice not in ("", "0", "1"):
         raise UserError(f"SMS_LORA_COMPILE_STEP={choice!r}: use 1 (compile the whole step) or 0")
-    return not common.on_cpu() if choice == "" else choice == "1"
+    return choice == "1"
 
 
 def padded(batch, multiple: int):

@@ -177,9 +177,37 @@ def test_the_whole_step_compiled_trains_as_the_plain_step(tmp_path, tiny_model, 
     assert any(mx.abs(v).max().item() > 0 for k, v in fused.items() if k.endswith("lora_b"))
 
 
-def test_the_compiled_step_is_chosen_by_device_or_by_the_environment(monkeypatch):
+def test_a_gpu_runs_the_opening_in_every_row_and_trains_the_same_adapter(tmp_path, tiny_model,
+                                                                         data_dir, monkeypatch):
+    """On a GPU the LoRA blocks run each row's copy of the prompt's opening (fewer operations);
+    on a CPU the opening once a batch (fewer positions): the same adapter either way."""
+    frozen = type("States", (), {"shared": 15})()
+    assert train.opening_shared(frozen) == 15
+    monkeypatch.setattr(common, "on_cpu", lambda: False)
+    assert train.opening_shared(frozen) == 0
+    monkeypatch.undo()
+    runs, calls = [], []
+    for rows in (False, True):
+        if rows:
+            monkeypatch.setattr(train, "opening_shared", lambda frozen: calls.append(1) or 0)
+        ad = tmp_path / f"adapters{int(rows)}"
+        train.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
+                    "--adapter-path", str(ad), "--reports", str(tmp_path / f"r{int(rows)}"),
+                    "--iters", "12", "--num-layers", "1", "--steps-per-eval", "6"])
+        runs.append((mx.load(str(ad / "final_adapters.safetensors")),
+                     json.loads((ad / "history.json").read_text())))
+    (once, h0), (every, h1) = runs
+    assert calls  # the steps and validations of the second run took the rows' way
+    for k in once:
+        assert mx.allclose(once[k], every[k], atol=1e-5, rtol=1e-4), k
+    assert [e["val_loss"] for e in h0["val"]] == pytest.approx(
+        [e["val_loss"] for e in h1["val"]], rel=1e-4)
+    assert any(mx.abs(v).max().item() > 0 for k, v in every.items() if k.endswith("lora_b"))
+
+
+def test_the_compiled_step_is_off_unless_the_environment_asks(monkeypatch):
     monkeypatch.delenv("SMS_LORA_COMPILE_STEP", raising=False)
-    assert train.compile_whole_step() is (not common.on_cpu())
+    assert train.compile_whole_step() is False
     for value, want in (("1", True), ("0", False)):
         monkeypatch.setenv("SMS_LORA_COMPILE_STEP", value)
         assert train.compile_whole_step() is want
