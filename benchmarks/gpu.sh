@@ -11,7 +11,7 @@
 # the end-to-end pipeline (a fresh ./runme.sh, step 1 included; E2E2_S: once more), the probe, the
 # train and score benchmarks, each under a time limit (E2E_S, E2E2_S, PROBE_S, TRAIN_S, SCORE_S
 # seconds; 0: skip it; PROBE_VARIANTS: the probe's --variants), going on past a failing part.
-# Everything lands in $OUT, at most 8 files.
+# Everything lands in $OUT, at most 8 files (9 with SAVE_PTX=1 and every part run: skip one).
 #
 # How session 5 carried the packages (the device tool moves 64 MiB a call): here,
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,6 +34,10 @@ export PYTHONPATH="${SITE:?set SITE or WHEELS}${PYTHONPATH:+:$PYTHONPATH}"
 NV="$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia"
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
+# MLX compiles its CUDA kernels on first use (minutes on a fresh machine) into /tmp/mlx/VERSION/ptx,
+# where later processes find them. PTX_CACHE=file.tar.xz: such a cache, unpacked first (a machine
+# that has run this once; same GPU and MLX); SAVE_PTX=1: this run's cache saved to $OUT at the end.
+if [ -n "${PTX_CACHE:-}" ]; then xz -dc "$PTX_CACHE" | tar x -C /tmp || exit 1; fi
 
 {
   nvidia-smi -L
@@ -99,3 +103,4 @@ part "${PROBE_S:-120}" probe python3 benchmarks/probe.py --messages 128 --steps 
 part "${TRAIN_S:-150}" train python3 benchmarks/train.py --iters "${TRAIN_ITERS:-100}" \
   --mlx-lm-iters "${TRAIN_ITERS:-100}" --out "$OUT/bench_train.json"
 part "${SCORE_S:-100}" score python3 benchmarks/score.py --out "$OUT/bench_score.json"
+if [ "${SAVE_PTX:-0}" = 1 ]; then tar cf - -C /tmp mlx | xz -1 > "$OUT/ptx_cache.tar.xz"; fi
