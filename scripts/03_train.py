@@ -346,9 +346,9 @@ def checkpointed(layer, h: mx.array, kv=()) -> mx.array:
 def opening_shared(frozen: FrozenStates) -> int:
     """upper_blocks' `shared` for steps from these states: on a CPU the opening's positions,
     which the LoRA blocks then run once a batch (a third fewer positions, README "Performance");
-    on a GPU 0, every row carrying its own copy: there a step costs its operations (~13 µs each
-    on an H200), and the opening's pass of its own adds a third to them. The same loss either
-    way (tests/test_train.py)."""
+    on a GPU 0, every row carrying its own copy: there a step costs its operations (~5 µs each
+    on an H200), and the opening's own pass adds 60% to them (a step: 36 -> 70 ms). The same
+    loss either way (tests/test_train.py)."""
     return frozen.shared if common.on_cpu() else 0
 
 
@@ -699,8 +699,8 @@ def training_step(model, optimizer, value_and_grad):
 def compiled_update(model, optimizer):
     """optimizer.update(model, grads) as one compiled function: each parameter's Adam update is
     one fused operation instead of about ten, ~2,000 fewer operations a step (224 LoRA matrices
-    in the default config). A GPU step of 8 messages costs what its operations' launches cost
-    (~130 ms on an H200, README "Performance"); on this CPU the update takes 5 ms instead of 16.
+    in the default config). A GPU step of 8 messages costs what its operations cost (H200: 126
+    -> 80 ms with this, README "Performance"); on this CPU the update takes 5 ms instead of 16.
     The same numbers bit for bit on a CPU (tests/test_train.py)."""
     state = [model.state, optimizer.state]
     return partial(mx.compile, inputs=state, outputs=state)(
