@@ -42,11 +42,11 @@ if [ -n "${PTX_CACHE:-}" ]; then xz -dc "$PTX_CACHE" | tar x -C /tmp || exit 1; 
 {
   nvidia-smi -L
   python3 -c 'import sys; print(sys.version)'
-  # What a run's start costs: the imports (the first time: Python compiles them to byte code),
-  # again, and with transformers told to leave PyTorch alone (USE_TORCH=0).
-  for env in "" "" USE_TORCH=0; do
-    TIMEFORMAT="import common + mlx_lm + first op ${env:-(as is)}: %R s wall"
-    time env $env python3 -c 'import sys; sys.path.insert(0, "scripts"); import common
+  # What a run's start costs: the imports (the first time Python also compiles them to byte
+  # code), then again. transformers imports PyTorch where it is installed (runme.sh's venv has none).
+  for run in first again; do
+    TIMEFORMAT="import common + mlx_lm + first op ($run): %R s wall"
+    time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common
 import mlx_lm.utils, mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch:", "torch" in sys.modules)'
   done
   python3 - <<'EOF'
@@ -70,33 +70,19 @@ chmod +x /tmp/venv/bin/python
 cat requirements.txt runme.sh | sha256sum | cut -d' ' -f1 > /tmp/venv/.requirements.sha256
 export VENV=/tmp/venv
 
-e2e() {  # e2e NAME SECONDS [VAR=VALUE...]: a whole ./runme.sh under a time limit (0: skip it)
-  local name="$1" seconds="$2" code; shift 2
-  [ "$seconds" = 0 ] && return 0
-  timeout "$seconds" env "$@" python3 benchmarks/e2e.py --out "$OUT/bench_$name.json" \
-    > "$OUT/$name.log" 2>&1
-  code=$?
-  # MLX's CUDA kernels compiled so far (cached on disk: a later process loads them)
-  echo "$name exit $code; kernels in MLX's cache: $(ls /tmp/mlx/*/ptx 2>/dev/null |
-    grep -c '[.]ptx$')" >> "$OUT/$name.log"
-  grep -v "^Iter" "$OUT/$name.log" | tail -n 40
-  return "$code"
-}
-e2e e2e "${E2E_S:-300}"
-code=$?
-cp reports/report.md "$OUT/" 2>/dev/null
-# E2E2_S: a second whole run, on a machine whose kernels the first compiled; after a first run
-# that failed (not stopped by its limit), with the training step left uncompiled.
-fallback=()
-[ "$code" != 0 ] && [ "$code" != 124 ] && fallback=(SMS_LORA_COMPILE_STEP=0)
-e2e e2e2 "${E2E2_S:-0}" ${fallback[@]+"${fallback[@]}"}
 part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: skip it)
   local seconds="$1" name="$2"; shift 2
   [ "$seconds" = 0 ] && return
   timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name exit $?" >> "$OUT/$name.log"
-  tail -n 15 "$OUT/$name.log"
+  # and MLX's CUDA kernels compiled so far (cached on disk: a later process loads them)
+  echo "$name exit $?; kernels in MLX's cache: $(ls /tmp/mlx/*/ptx 2>/dev/null |
+    grep -c '[.]ptx$')" >> "$OUT/$name.log"
+  grep -v "^Iter" "$OUT/$name.log" | tail -n 40
 }
+part "${E2E_S:-300}" e2e python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json"
+cp reports/report.md "$OUT/" 2>/dev/null
+# again, on a machine whose kernels the first run compiled
+part "${E2E2_S:-0}" e2e2 python3 benchmarks/e2e.py --out "$OUT/bench_e2e2.json"
 part "${PROBE_S:-120}" probe python3 benchmarks/probe.py --messages 128 --steps 20 \
   ${PROBE_VARIANTS:+--variants $PROBE_VARIANTS} \
   --out "$OUT/bench_probe.json"
