@@ -573,10 +573,10 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
     step = training_step(model, optimizer, value_and_grad)  # after the state is what it will stay
     history = progress["history"]
 
-    def snapshot(step):  # arrays are immutable: holding them is free, and a crash mid-step
-        return {"step": step,  # cannot change what is held
+    def snapshot(step):  # arrays are immutable and these flat dicts are new containers:
+        return {"step": step,  # holding them is cheap, and nothing mid-step changes them
                 "params": dict(tree_flatten(model.trainable_parameters())),
-                "optimizer": dict(tree_flatten(tree_map(lambda x: x, optimizer.state))),
+                "optimizer": dict(tree_flatten(optimizer.state)),
                 "progress": json.loads(json.dumps(progress))}
 
     snap = snapshot(done)
