@@ -15,8 +15,9 @@ before. This measures, on the current device, for each variant of the model:
   training  03_train's step (LoRA on the last 16 blocks, frozen states, completion-only loss;
             operation by operation with the update compiled, as 03_train runs it, or all of it
             compiled for the compiled-step variant) over --steps batches of the default config's
-            data, then the same batches again, then one batch repeated; and how many operations
-            a step's graph holds
+            data, then the same batches again, then one batch repeated, then the batches once
+            more with each step's graph built while the one before runs (overlapped); and how
+            many operations a step's graph holds
 
     python benchmarks/probe.py                        # every variant this device runs
     python benchmarks/probe.py --variants dequantized --steps 10
@@ -144,6 +145,19 @@ def probe(variant: str, args, T, out: dict):
             shapes = len({(len(b), max(len(ex[i][0]) for i in b)) for b in batches_run})
             say(f"{name}: median {res[f'{name}_ms']:.1f} ms, total {sum(times):.2f} s "
                 f"({len(times)} steps, {shapes} shapes)")
+        # the same batches again, each step's graph built while the one before runs (at most
+        # one step ahead, mx.async_eval): what overlapping the two in 03_train's loop would give
+        mx.synchronize()
+        tic, before = time.perf_counter(), None
+        for idx in order:
+            now = step(idx)
+            mx.async_eval(now)
+            mx.eval(before)  # the step before this one
+            before = now
+        mx.eval(before)
+        mx.synchronize()
+        res["steps_overlapped_ms"] = 1000 * (time.perf_counter() - tic) / len(order)
+        say(f"steps_overlapped: mean {res['steps_overlapped_ms']:.1f} ms")
         res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         out[variant] = res
         del model, frozen, step_fn, opt
