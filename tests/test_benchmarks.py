@@ -38,12 +38,17 @@ def test_score_benchmark_runs(tiny_model, data_dir, tmp_path):
 
 def test_probe_measures_each_variant(tiny_model, data_dir, tmp_path):
     out = tmp_path / "probe.json"
-    variants = ["4-bit", "dequantized", "4-bit+plain-attention", "4-bit+recompute",
-                "4-bit+compiled-step"]
+    variants = ["4-bit", "4-bit+opening-once", "dequantized", "4-bit+plain-attention",
+                "4-bit+recompute", "4-bit+compiled-step"]
     r = bench("probe.py", "--model", tiny_model, "--data", data_dir, "--messages", "8",
               "--steps", "2", "--num-layers", "1", "--variants", *variants, "--out", out)
     assert r.returncode == 0, r.stderr + r.stdout
     result = json.loads(out.read_text())
     for v in variants:
         assert result[v]["scoring_again_s"] > 0 and result[v]["steps_one_shape_ms"] > 0, v
+        assert result[v]["steps_overlapped_ms"] > 0 and result[v]["operations_per_step"] > 224, v
     assert result["4-bit+compiled-step"]["padded_compiled_loss_diff"] < 1e-5
+    r = bench("probe.py", "--model", tiny_model, "--data", data_dir, "--messages", "0",
+              "--steps", "1", "--num-layers", "1", "--variants", "4-bit", "--out", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "scoring_first_s" not in json.loads(out.read_text())["4-bit"]  # --messages 0
