@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers  # noqa: E402
+from mlx_lm.utils import get_total_parameters  # noqa: E402
 
 
 @dataclass
@@ -882,7 +883,7 @@ def main(argv=None):
     held_out_files = [f for f in HELD_OUT if (data / f).is_file()]
     held_out_rows = [r for f in held_out_files for r in common.read_split(data / f)]
     model, tokenizer = common.load_model(Path(cfg.model), trust_remote_code=trust)
-    n_base = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_base = get_total_parameters(model)  # 4-bit weights counted unpacked, as on a CPU
     n_lora = add_lora(model, cfg)
     print(f"Trainable parameters: {100 * n_lora / n_base:.3f}% "
           f"({n_lora / 1e6:.3f}M/{n_base / 1e6:.3f}M)")

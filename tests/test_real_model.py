@@ -20,6 +20,16 @@ def baseline(tmp_path_factory):
     return out
 
 
+def test_the_4_bit_base_counts_the_tutorials_parameters_as_the_de_quantized_one(baseline):
+    """03_train's count (mlx-lm's get_total_parameters): on a GPU the base stays 4-bit, and
+    summing its packed arrays would give 28.8M instead of 134,515,008."""
+    from mlx_lm.utils import get_total_parameters
+
+    for dequantize in (False, True):
+        model, _ = common.load_model(baseline, dequantize=dequantize)
+        assert get_total_parameters(model) == 134_515_008, dequantize
+
+
 def test_a_few_real_training_steps(tmp_path, baseline, data_dir):
     ad = tmp_path / "adapters"
     r = run_script("03_train.py", "--config", "seed", "--model", baseline, "--data", data_dir,
