@@ -872,6 +872,7 @@ def main(argv=None):
     else:
         cfg, checkpoint = load_config(config_name or "default", args), None
     common.require_model(Path(cfg.model))
+    compile_whole_step()  # a bad SMS_LORA_COMPILE_STEP stops the run here, before any work
     data = Path(cfg.data)
     for split in (cfg.train_file, "valid.jsonl"):
         common.require(data / split, split, "scripts/02_prepare_data.py")

@@ -206,6 +206,15 @@ def test_more_lora_layers_than_the_model_has(tmp_path, tiny_model, data_dir, cap
     assert not (tmp_path / "ad").exists()
 
 
+def test_a_bad_compile_switch_stops_training_before_any_work(tmp_path, tiny_model, data_dir,
+                                                            capsys, monkeypatch):
+    monkeypatch.setenv("SMS_LORA_COMPILE_STEP", "yes")
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    fails(capsys, train.main, ["--model", tiny_model, "--data", data_dir,
+                               "--adapter-path", tmp_path / "ad"], "SMS_LORA_COMPILE_STEP='yes'")
+    assert not (tmp_path / "ad").exists() and not (tmp_path / ".ad.partial").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Model folders (every step that loads one goes through common.load_model).
 
