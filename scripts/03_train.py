@@ -555,8 +555,8 @@ def train(model, tokenizer, train_rows, valid_rows, cfg: TrainConfig, run_dir: P
             f"{len(select_ex)} validation and held-out messages computed once "
             f"({nbytes / 1e6:.0f} MB, "
             f"{time.perf_counter() - tic:.1f}s)")
-    train_first, shared = (first, opening_shared(train_frozen)) if train_frozen is not None \
-        else (0, 0)
+    train_first, shared = ((first, opening_shared(train_frozen)) if train_frozen is not None
+                           else (0, 0))
     value_and_grad = nn.value_and_grad(
         model, lambda m, *b: loss_fn(m, *b, completion_only, train_first, shared))
 
