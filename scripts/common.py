@@ -46,6 +46,7 @@ COMPLETIONS = {"spam": " spam", "ham": " not spam"}
 THRESHOLD_FILE = "threshold.json"
 DEFAULT_THRESHOLD = 0.5
 MAX_PROMPT_TOKENS = 512  # a longer message is truncated (the message, never the prompt or label)
+CHARS_PER_TOKEN = 16  # a cut message is cut here first (no real text averages longer tokens)
 
 
 def is_blank(text: str) -> bool:
@@ -509,6 +510,7 @@ def label_token_ids(tokenizer) -> dict[str, list[int]]:
 
 def encode_prompt(tokenizer, message: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
     """Token ids of the prompt; a too-long message is cut (never the prompt around it)."""
+    message = message[:CHARS_PER_TOKEN * max_tokens]  # a megabyte line: tokenize what can stay
     ids = tokenizer.encode(format_prompt(message))
     if len(ids) <= max_tokens:
         return ids

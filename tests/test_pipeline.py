@@ -161,6 +161,19 @@ def test_long_message_is_truncated_never_the_prompt(tiny_model):
     assert len(ids) <= 100
     assert tok.decode(ids).endswith("\nClassification:")
     assert tok.decode(ids).startswith("Classify the following SMS message as spam or not spam.")
+    # a megabyte line: only its first characters reach the tokenizer, and the ids are the same
+    seen = []
+
+    class Spy:
+        def encode(self, text):
+            seen.append(len(text))
+            return tok.encode(text)
+
+        decode = staticmethod(tok.decode)
+
+    huge = "spam spam lovely spam " * 50_000
+    assert common.encode_prompt(Spy(), huge, max_tokens=100) == ids
+    assert max(seen) <= common.CHARS_PER_TOKEN * 100 + len(common.format_prompt(""))
 
 
 @pytest.mark.parametrize("args,needle", [
