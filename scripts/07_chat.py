@@ -129,14 +129,15 @@ def main(argv=None):
     common.add_model_args(p, common.FUSED_DIR)
     p.add_argument("--input", type=Path, help="classify this file (.jsonl, .csv or .txt)")
     p.add_argument("--output", type=Path, help="write the verdicts here (JSONL)")
+    common.add_threshold_arg(p)
     args = p.parse_args(argv)
     if (args.input is None) != (args.output is None):
         raise UserError("--input and --output go together")
+    threshold = common.verdict_threshold(args)
     if args.input is not None:
         count_messages(args.input)  # fail on a bad file before loading the model
     model, tokenizer = common.load_model(args.model, args.adapter_path,
                                          trust_remote_code=args.trust_remote_code)
-    threshold = common.read_threshold(args.adapter_path or args.model)
     if args.input is None:
         chat(model, tokenizer, threshold)
         return

@@ -705,6 +705,7 @@ class BackgroundServer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_model_args(p, common.FUSED_DIR)
+    common.add_threshold_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -757,7 +758,7 @@ def main(argv=None):
         raise UserError(f"no model at {args.model} (config.json missing): run {step} first")
     if args.adapter_path is not None and not (args.adapter_path / "adapter_config.json").is_file():
         raise UserError(f"no adapters at {args.adapter_path}: run scripts/03_train.py first")
-    threshold = common.read_threshold(args.adapter_path or args.model)
+    threshold = common.verdict_threshold(args)
     info = model_info(args.model, args.adapter_path, threshold, args.reports)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
 

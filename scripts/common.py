@@ -711,8 +711,35 @@ def scoring_provenance(model_dir: Path, adapter_path: Path | None, test_path: Pa
             "device": str(mx.default_device())}
 
 
+def check_threshold(value, what: str) -> float:
+    """A verdict threshold: a number from 0 to 1 (P(spam) above it is spam)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{what} must be a number from 0 to 1, not {value!r}")
+    return float(value)
+
+
 def read_threshold(model_or_adapter_dir: Path) -> float:
+    """The threshold 03_train chose, stored beside the weights; 0.5 where there is none."""
     path = Path(model_or_adapter_dir) / THRESHOLD_FILE
-    if path.is_file():
-        return float(json.loads(path.read_text())["threshold"])
-    return DEFAULT_THRESHOLD
+    if not path.is_file():
+        return DEFAULT_THRESHOLD
+    try:
+        value = json.loads(path.read_text())["threshold"]
+    except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not an object with one
+        raise UserError(f"{path} is damaged (no threshold in it): run scripts/03_train.py "
+                        "(and scripts/06_fuse.py for a fused model) again") from None
+    return check_threshold(value, f"the threshold in {path}")
+
+
+def add_threshold_arg(parser) -> None:
+    """--threshold, for the steps that give verdicts to users (chat, serve)."""
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="call a message spam when P(spam) is above this (default: the "
+                        "threshold chosen on the held-out sets, stored with the model)")
+
+
+def verdict_threshold(args) -> float:
+    """--threshold if given, else the one stored with the adapters or the model."""
+    if args.threshold is not None:
+        return check_threshold(args.threshold, "--threshold")
+    return read_threshold(args.adapter_path or args.model)

@@ -120,6 +120,17 @@ def test_odd_but_valid_data_is_read_correctly(tmp_path):
     assert len(rows[2]["message"]) == len(long.strip())
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_a_threshold_outside_0_to_1_is_refused_before_loading(tmp_path, tiny_model, capsys,
+                                                              monkeypatch, value):
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output",
+                              tmp_path / "out.jsonl", "--threshold", value], "--threshold must be")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("error,needle", [
     (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
     (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
@@ -280,6 +291,12 @@ def break_model(kind, model, adapters, tmp_path):
     elif kind == "no adapter weights":
         (ad / "adapters.safetensors").unlink()
         return argv + ["--adapter-path", ad]
+    elif kind == "threshold.json cut short":
+        (ad / common.THRESHOLD_FILE).write_text('{"threshold": 0.9')
+        return argv + ["--adapter-path", ad]
+    elif kind == "threshold out of range":
+        (ad / common.THRESHOLD_FILE).write_text('{"threshold": 7}')
+        return argv + ["--adapter-path", ad]
     return argv
 
 
@@ -295,6 +312,8 @@ MODELS = {
     "adapters missing a tensor": "1 adapter tensor(s) missing",
     "adapters for more layers": "num_layers=7",
     "no adapter weights": "adapters.safetensors missing",
+    "threshold.json cut short": "threshold.json is damaged",
+    "threshold out of range": "must be a number from 0 to 1, not 7",
 }
 
 
@@ -341,6 +360,17 @@ def test_bad_file_to_classify(tmp_path, tiny_model, capsys, case):
     out.write_text("earlier\n")
     fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output", out], needle)
     assert out.read_text() == "earlier\n"
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_a_threshold_outside_0_to_1_is_refused_before_loading(tmp_path, tiny_model, capsys,
+                                                              monkeypatch, value):
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output",
+                              tmp_path / "out.jsonl", "--threshold", value], "--threshold must be")
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("error,needle", [

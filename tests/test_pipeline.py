@@ -154,6 +154,13 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     r = run_script("07_chat.py", "--model", tiny_model, input="WIN a prize\nhello\n\n")
     assert r.returncode == 0 and r.stdout.count("P(spam)=") == 2
 
+    # --threshold replaces the stored one: 0 calls every message spam, 1 none
+    for threshold, label in (("0", "spam"), ("1", "ham")):
+        r = run_script("07_chat.py", "--model", tiny_model, "--adapter-path", trained,
+                       "--input", src, "--output", out, "--threshold", threshold)
+        assert r.returncode == 0, r.stderr
+        assert [x["label"] for x in common.read_jsonl(out)] == [label] * 4
+
 
 def test_long_message_is_truncated_never_the_prompt(tiny_model):
     _, tok = common.load_model(tiny_model)

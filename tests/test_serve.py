@@ -415,6 +415,7 @@ def test_a_failed_load_is_reported(tmp_path):
     (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
     (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--max-wait-ms", "-1"], "--max-wait-ms"),
+    (["--threshold", "2"], "--threshold must be a number from 0 to 1, not 2.0"),
 ])
 def test_cli_errors_are_one_line(args, error, tiny_model):
     if "--model" not in args:
@@ -437,7 +438,8 @@ def test_cli_exits_when_the_model_cannot_be_loaded(tmp_path):
 def test_cli_serves_until_interrupted(tiny_model, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "08_serve.py"), "--model", str(tiny_model),
-         "--port", "0", "--reports", str(tmp_path), "--no-access-log", "--log-level", "warning"],
+         "--port", "0", "--reports", str(tmp_path), "--no-access-log", "--log-level", "warning",
+         "--threshold", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "SMS_API_KEY": ""})
     try:
@@ -454,7 +456,8 @@ def test_cli_serves_until_interrupted(tiny_model, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         status, body, _ = classify(url, ["hello from the command line"])
-        assert status == 200 and body["results"][0]["label"] in ("spam", "ham")
+        assert status == 200 and body["threshold"] == 0  # --threshold 0: everything is spam
+        assert body["results"][0]["label"] == "spam" and body["results"][0]["p_spam"] > 0
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, then the scripts' usual 130
         rc = proc.wait(timeout=20)
         err = proc.stderr.read()
