@@ -120,17 +120,6 @@ def test_odd_but_valid_data_is_read_correctly(tmp_path):
     assert len(rows[2]["message"]) == len(long.strip())
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
-def test_a_threshold_outside_0_to_1_is_refused_before_loading(tmp_path, tiny_model, capsys,
-                                                              monkeypatch, value):
-    src = tmp_path / "in.txt"
-    src.write_text("hello\n")
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output",
-                              tmp_path / "out.jsonl", "--threshold", value], "--threshold must be")
-    assert not (tmp_path / "out.jsonl").exists()
-
-
 @pytest.mark.parametrize("error,needle", [
     (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
     (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
