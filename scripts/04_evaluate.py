@@ -73,14 +73,29 @@ def evaluate(model_dir: Path, adapter_path: Path | None, data_dir: Path, name: s
     return result
 
 
-def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict]:
-    """The classic filters, trained on exactly the LoRA model's training rows: TF-IDF over word
-    1-2-grams and character 2-5-grams, with logistic regression and with a linear SVM."""
+TFIDF = ("tfidf-logreg", "tfidf-svm")
+
+
+def tfidf_model(name: str):
+    """A classic filter, untrained: TF-IDF over word 1-2-grams and character 2-5-grams, with
+    logistic regression (tfidf-logreg) or a linear SVM (tfidf-svm)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
+    if name == "tfidf-logreg":
+        clf = LogisticRegression(C=10, max_iter=2000, class_weight="balanced")
+    else:
+        clf = LinearSVC(C=1.0, class_weight="balanced", random_state=0)
+    features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                          TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5),
+                                          sublinear_tf=True))
+    return make_pipeline(features, clf)
+
+
+def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict]:
+    """The classic filters, trained on exactly the LoRA model's training rows."""
     train = common.read_split(data_dir / train_file)
     test = common.read_split(data_dir / "test.jsonl")
     stress = common.read_jsonl(common.STRESS_SUITE)
@@ -92,13 +107,8 @@ def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict
     y = np.array([r["label"] == "spam" for r in train])
     is_spam = np.array([r["label"] == "spam" for r in test])
     results = []
-    for name, clf in (("tfidf-logreg", LogisticRegression(C=10, max_iter=2000,
-                                                         class_weight="balanced")),
-                      ("tfidf-svm", LinearSVC(C=1.0, class_weight="balanced", random_state=0))):
-        features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                              TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5),
-                                              sublinear_tf=True))
-        model = make_pipeline(features, clf).fit([r["message"] for r in train], y)
+    for name in TFIDF:
+        model = tfidf_model(name).fit([r["message"] for r in train], y)
         if hasattr(model, "predict_proba"):
             threshold = 0.5
             def score(texts): return model.predict_proba(texts)[:, 1]
@@ -107,7 +117,7 @@ def tfidf_baselines(data_dir: Path, train_file: str, out_dir: Path) -> list[dict
             score = model.decision_function
         stress_pred = score([r["text"] for r in stress]) > threshold
         stress_misses = int(np.sum(stress_pred != np.array([r["label"] == "spam" for r in stress])))
-        result = {"name": name, "model": f"scikit-learn {type(clf).__name__}",
+        result = {"name": name, "model": f"scikit-learn {type(model[-1]).__name__}",
                   "train_file": train_file, "fixed_messages": None,
                   "test": common.classifier_metrics(
                       is_spam, np.asarray(score([r["message"] for r in test])), threshold),

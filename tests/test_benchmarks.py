@@ -2,9 +2,10 @@
 speed is measured there, never asserted here)."""
 
 import json
+import subprocess
 import sys
 
-import subprocess
+import pytest
 
 from conftest import ROOT
 
@@ -52,3 +53,31 @@ def test_probe_measures_each_variant(tiny_model, data_dir, tmp_path):
               "--steps", "1", "--num-layers", "1", "--variants", "4-bit", "--out", out)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "scoring_first_s" not in json.loads(out.read_text())["4-bit"]  # --messages 0
+
+
+def test_combine_reproduces_a_runs_own_threshold_and_combines(tiny_model, data_dir, tmp_path):
+    runs = []
+    for seed in ("1", "2"):
+        ad = tmp_path / f"run{seed}"
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "03_train.py"), "--model",
+                            str(tiny_model), "--data", str(data_dir), "--adapter-path", str(ad),
+                            "--reports", str(tmp_path / "rep"), "--iters", "4", "--num-layers",
+                            "1", "--seed", seed], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        runs.append(ad)
+    out = tmp_path / "combine.json"
+    r = bench("combine.py", "--model", tiny_model, "--data", data_dir, "--runs", *runs,
+              "--tfidf", "--neighbours", "--test", "--out", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = {c["candidate"]: c for c in json.loads(out.read_text())["candidates"]}
+    assert len(rows) == 3 + 21 + 20  # averages of 2 runs, blend weights, vote settings
+    stored = json.loads((runs[0] / "threshold.json").read_text())
+    alone = rows["run1"]  # scored anew, chosen by the same rule on the same held-out sets
+    assert alone["threshold"] == pytest.approx(stored["threshold"], abs=1e-4)
+    assert (alone["valid_false_positives"], alone["valid_false_negatives"]) == (
+        stored["valid_false_positives"], stored["valid_false_negatives"])
+    assert rows["1.00 x run1 + 0.00 x tfidf-logreg"]["cost"] == alone["cost"]
+    chosen = json.loads(out.read_text())["chosen"]
+    assert rows[chosen]["cost"] == min(c["cost"] for c in rows.values())
+    assert alone["test"]["messages"] == 1031 and "(chosen) |" in r.stdout
+    assert "run1's held-out errors: truth, P(spam)" in r.stdout
