@@ -42,8 +42,9 @@ VOTE_FLOORS = (0.0, 0.3, 0.5, 0.7)
 
 def message_sets(data: Path) -> dict[str, list[dict]]:
     """held (what 03_train chooses the threshold on), test, stress: rows with message, label."""
-    held = [r for f in ("valid.jsonl", *train_script.HELD_OUT) if (data / f).is_file()
-            for r in common.read_split(data / f)]
+    held = common.read_split(data / "valid.jsonl") + [
+        r for f in train_script.HELD_OUT if (data / f).is_file()
+        for r in common.read_split(data / f)]
     stress = [{"message": r["text"], "label": r["label"]}
               for r in stress_script.load_suite(common.STRESS_SUITE)]
     return {"held": held, "test": common.read_split(data / "test.jsonl"), "stress": stress}
