@@ -2,6 +2,7 @@
 speed is measured there, never asserted here)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -81,3 +82,11 @@ def test_combine_reproduces_a_runs_own_threshold_and_combines(tiny_model, data_d
     assert rows[chosen]["cost"] == min(c["cost"] for c in rows.values())
     assert alone["test"]["messages"] == 1031 and "(chosen) |" in r.stdout
     assert "run1's held-out errors: truth, P(spam)" in r.stdout
+
+    partial = tmp_path / "data"  # the held-out sets are what it chooses on: no valid.jsonl, no run
+    shutil.copytree(data_dir, partial)
+    (partial / "valid.jsonl").unlink()
+    r = bench("combine.py", "--model", tiny_model, "--data", partial, "--runs", runs[0])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: valid.jsonl not found at {partial / 'valid.jsonl'}: "
+        "run scripts/02_prepare_data.py first"]
