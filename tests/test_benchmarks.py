@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
 def bench(script, *args):
@@ -60,10 +60,9 @@ def test_combine_reproduces_a_runs_own_threshold_and_combines(tiny_model, data_d
     runs = []
     for seed in ("1", "2"):
         ad = tmp_path / f"run{seed}"
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "03_train.py"), "--model",
-                            str(tiny_model), "--data", str(data_dir), "--adapter-path", str(ad),
-                            "--reports", str(tmp_path / "rep"), "--iters", "4", "--num-layers",
-                            "1", "--seed", seed], capture_output=True, text=True, cwd=ROOT)
+        r = run_script("03_train.py", "--model", tiny_model, "--data", data_dir, "--adapter-path",
+                       ad, "--reports", tmp_path / "rep", "--iters", "4", "--num-layers", "1",
+                       "--seed", seed)
         assert r.returncode == 0, r.stderr
         runs.append(ad)
     out = tmp_path / "combine.json"
