@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
-import fastblas  # noqa: E402  (imports nothing heavy)
+from smslora import fastblas  # noqa: E402  (imports nothing heavy)
 import pytest  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"

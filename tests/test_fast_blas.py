@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-import fastblas
+from smslora import fastblas
 from conftest import ROOT
 
 linux_x86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 pytestmark = pytest.mark.skipif(not linux_x86, reason="MKL is preloaded on Linux x86-64 only")
 
-PROBE = ("import sys; sys.path.insert(0, 'scripts'); import common, fastblas; "
+PROBE = ("import sys; sys.path.insert(0, 'scripts'); from smslora import fastblas; fastblas.ensure(); "
          "import mlx.core as mx, numpy as np; a = np.random.rand(64, 48).astype(np.float32); "
          "b = np.random.rand(48, 32).astype(np.float32); "
          "err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max()); "
@@ -46,7 +46,7 @@ def test_the_switch_off_really_gives_the_reference_blas():
 def test_numbered_script_help_runs_on_mkl():
     # --help exits before any model work, but after the import that swaps the BLAS in.
     probe = ("import runpy, sys; sys.argv = ['scripts/02_prepare_data.py', '--help'];"
-             "import atexit, fastblas; sys.path.insert(0, 'scripts');"
+             "import atexit; sys.path.insert(0, 'scripts'); from smslora import fastblas;"
              "atexit.register(lambda: print('BLAS', fastblas.blas_in_use()));"
              "runpy.run_path('scripts/02_prepare_data.py', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
@@ -54,7 +54,7 @@ def test_numbered_script_help_runs_on_mkl():
     assert "BLAS mkl" in r.stdout, r.stderr
 
 
-FAULTS = ("import sys, resource; sys.path.insert(0, 'scripts'); import common, fastops;"
+FAULTS = ("import sys, resource; sys.path.insert(0, 'scripts'); from smslora import fastblas; fastblas.ensure(); from smslora import fastops;"
           "import mlx.core as mx; x = mx.random.normal((4_000_000,)); mx.eval(fastops._exp(x));"
           "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt;"
           "[mx.eval(fastops._exp(x)) for _ in range(5)];"

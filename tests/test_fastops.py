@@ -11,7 +11,7 @@ from mlx_lm.models import activations, llama
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
 import common
-import fastops
+from smslora import fastops
 import tiny
 
 
