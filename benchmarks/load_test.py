@@ -8,7 +8,7 @@ batch counts. Then, in the same run, it scores the same messages offline (common
 and gives the ratio served/offline. JSON goes to reports/load_test.json (or --out).
 
     python benchmarks/load_test.py                       # the fused model, 2,000 x 32 clients
-    python benchmarks/load_test.py --model M --requests 100 --concurrency 8
+    python benchmarks/load_test.py --model DIR --requests 100 --concurrency 8
 """
 
 from __future__ import annotations
