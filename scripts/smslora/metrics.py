@@ -28,3 +28,8 @@ def classifier_metrics(spam: np.ndarray, p_spam: np.ndarray, threshold: float) -
         "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
         "wrong": {"ham_flagged": fp, "spam_missed": fn},
     }
+
+
+def spam_labels(rows: list[dict]) -> np.ndarray:
+    """The true labels of labelled rows as booleans (True: spam), as classifier_metrics takes."""
+    return np.array([r["label"] == "spam" for r in rows], dtype=bool)

@@ -26,6 +26,7 @@ THRESHOLD_FILE = "threshold.json"
 CHECKSUMS = "checksums.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTERS_FILE = "adapters.safetensors"
+METRICS_FILE = "metrics.json"  # a fused folder's own test figures (step 6), which the server reports
 
 # Files in data/ (step 2) and reports/ (steps 3-6 and the report).
 SPLIT_MANIFEST = "split.json"
