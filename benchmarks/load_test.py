@@ -4,8 +4,8 @@
 Starts the server (a subprocess, on a free 127.0.0.1 port), sends --requests requests of 1-16
 messages drawn from the test split through --concurrency keep-alive clients, stops by itself at
 --time-limit, and reports errors (must be 0), served messages/s, p50/p95 latency and the server's
-batch counts. Then, in the same run, it scores the same messages offline (common.p_spam, batch 64)
-and gives the ratio served/offline. JSON goes to reports/load_test.json (or --out).
+batch counts. Then, in the same run, it scores the same messages offline (scoring.p_spam, batch
+64) and gives the ratio served/offline. JSON goes to reports/load_test.json (or --out).
 
     python benchmarks/load_test.py                       # the fused model, 2,000 x 32 clients
     python benchmarks/load_test.py --model DIR --requests 100 --concurrency 8
@@ -31,8 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
-from common import UserError  # noqa: E402
+from smslora import cli, fastblas  # noqa: E402  (light: mlx is imported after cli.run's set-up)
+from smslora.artifacts import atomic_write_json, read_jsonl  # noqa: E402
+from smslora.errors import UserError  # noqa: E402
+from smslora.paths import DATA_DIR, FUSED_DIR, REPORTS_DIR  # noqa: E402
 
 SERVE = ROOT / "scripts" / "08_serve.py"
 
@@ -49,7 +51,7 @@ def percentile(values: list[float], q: float) -> float:
 def read_messages(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path} not found: run scripts/02_prepare_data.py first (or pass --data)")
-    rows = common.read_jsonl(path)
+    rows = read_jsonl(path)
     out = [r["message"] for r in rows if isinstance(r.get("message"), str) and r["message"].strip()]
     if not out:
         raise UserError(f"{path} has no 'message' fields")
@@ -214,12 +216,15 @@ async def run_clients(host: str, port: int, jobs: list[list[str]], concurrency: 
 
 def offline_throughput(model, adapter_path, messages: list[str], batch: int, deadline: float,
                        trust_remote_code: bool = False):
-    """common.p_spam over the same messages at batch `batch`, as 07_chat.py scores a file."""
-    loaded = common.load_model(model, adapter_path, trust_remote_code=trust_remote_code)
-    common.p_spam(*loaded, messages[:batch], batch_size=batch)  # warm-up, untimed
+    """scoring.p_spam over the same messages at batch `batch`, as 07_chat.py scores a file."""
+    from smslora.model import load_model
+    from smslora.scoring import p_spam
+
+    loaded = load_model(model, adapter_path, trust_remote_code=trust_remote_code)
+    p_spam(*loaded, messages[:batch], batch_size=batch)  # warm-up, untimed
     done, started, chunk = 0, time.perf_counter(), batch * 16
     for start in range(0, len(messages), chunk):
-        common.p_spam(*loaded, messages[start: start + chunk], batch_size=batch)
+        p_spam(*loaded, messages[start: start + chunk], batch_size=batch)
         done = min(start + chunk, len(messages))
         if time.monotonic() > deadline:
             break
@@ -228,15 +233,15 @@ def offline_throughput(model, adapter_path, messages: list[str], batch: int, dea
             "seconds": round(seconds, 3), "messages_per_s": round(done / seconds, 2)}
 
 
-@common.cli
+@cli.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_model_args(p, common.FUSED_DIR)
+    cli.add_model_args(p, FUSED_DIR)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--min-messages", type=int, default=1)
     p.add_argument("--max-messages", type=int, default=16)
-    p.add_argument("--data", type=Path, default=common.DATA_DIR / "test.jsonl",
+    p.add_argument("--data", type=Path, default=DATA_DIR / "test.jsonl",
                    help="messages to send (the 'message' field; default data/test.jsonl)")
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
@@ -247,7 +252,7 @@ def main(argv=None):
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "load_test.json")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "load_test.json")
     args = p.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         raise UserError("--requests and --concurrency must be at least 1")
@@ -309,12 +314,11 @@ def main(argv=None):
     offline = offline_throughput(args.model, args.adapter_path, sent_messages, args.offline_batch,
                                  time.monotonic() + args.time_limit, args.trust_remote_code)
     ratio = load["messages_per_s"] / offline["messages_per_s"] if offline["messages_per_s"] else 0
-    print(f"offline: {offline['messages_per_s']:.1f} messages/s (common.p_spam, batch "
+    print(f"offline: {offline['messages_per_s']:.1f} messages/s (scoring.p_spam, batch "
           f"{args.offline_batch}, {offline['messages']} messages in {offline['seconds']:.2f} s)")
     print(f"ratio served/offline: {ratio:.3f}")
 
     import mlx.core as mx
-    import fastblas
 
     report = {"model": str(args.model),
               "adapter_path": None if args.adapter_path is None else str(args.adapter_path),
@@ -322,11 +326,11 @@ def main(argv=None):
               "cpus": os.cpu_count(), "blas": fastblas.blas_in_use(),
               "data": str(args.data), "seed": args.seed, "load": load, "offline": offline,
               "ratio_served_to_offline": round(ratio, 4)}
-    common.atomic_write_json(args.out, report)
+    atomic_write_json(args.out, report)
     print(f"-> {args.out}")
     if errors:
         raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

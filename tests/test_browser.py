@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import common
-from conftest import load_script
+from smslora import scoring
+from smslora.artifacts import read_jsonl
+from smslora.model import load_model
+from smslora.paths import STRESS_SUITE
+from smslora.server.app import create_app
+from smslora.server.info import model_info
+from smslora.server.run import BackgroundServer
+from smslora.server.settings import Settings
+from smslora.threshold import read_threshold
 
 CHROMIUM = Path(os.environ.get("SMS_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,12 +28,10 @@ if not CHROMIUM.exists() and not os.environ.get("CI"):
 
 from playwright.sync_api import sync_playwright  # noqa: E402  (CI: an ImportError is a failure)
 
-serve = load_script("08_serve")
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    return common.load_model(tiny_model)
+    return load_model(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +44,10 @@ def browser():
 
 def start(loaded, tiny_model, **settings):
     model, tokenizer = loaded
-    threshold = common.read_threshold(tiny_model)
-    info = serve.model_info(tiny_model, None, threshold, None)
-    app = serve.create_app(model, tokenizer, threshold, info, serve.Settings(**settings))
-    return serve.BackgroundServer(app)
+    threshold = read_threshold(tiny_model)
+    info = model_info(tiny_model, None, threshold, None)
+    app = create_app(model, tokenizer, threshold, info, Settings(**settings))
+    return BackgroundServer(app)
 
 
 def classify_on_page(page, done: int):
@@ -59,13 +64,13 @@ def shown(page) -> tuple[str, float]:
 
 
 def expected(loaded, text: str, threshold: float) -> tuple[str, float]:
-    p = float(common.p_spam(*loaded, [text])[0])
+    p = float(scoring.p_spam(*loaded, [text])[0])
     return ("SPAM" if p > threshold else "NOT SPAM"), p
 
 
 def test_type_a_message_and_click_an_example(browser, loaded, tiny_model, tmp_path):
-    threshold = common.read_threshold(tiny_model)
-    boss = [r for r in common.read_jsonl(common.STRESS_SUITE) if r["category"] == "final-boss"]
+    threshold = read_threshold(tiny_model)
+    boss = [r for r in read_jsonl(STRESS_SUITE) if r["category"] == "final-boss"]
     with start(loaded, tiny_model) as srv:
         page = browser.new_page()
         errors = []

@@ -2,6 +2,7 @@
 micro-batching, disconnects, the not-ready state and the command line. The server runs in-process
 on a free loopback port (uvicorn in a thread); the client is the standard library's."""
 
+import argparse
 import http.client
 import json
 import os
@@ -17,10 +18,19 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-import common
-from conftest import ROOT, load_script, run_script
-
-serve = load_script("08_serve")
+from conftest import ROOT, run_script
+from smslora import scoring
+from smslora.artifacts import read_jsonl
+from smslora.errors import UserError
+from smslora.model import load_model
+from smslora.paths import STRESS_SUITE
+from smslora.server import settings as server_settings
+from smslora.server.app import create_app
+from smslora.server.info import model_info
+from smslora.server.run import BackgroundServer
+from smslora.server.settings import Settings
+from smslora.task import DEFAULT_THRESHOLD
+from smslora.threshold import read_threshold
 
 METRICS = {"messages": 1031, "accuracy": 0.98, "f1": 0.95, "roc_auc": 0.997}
 
@@ -49,7 +59,7 @@ def classify(url, messages, **kw):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    return common.load_model(tiny_model)
+    return load_model(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +71,14 @@ def reports(tmp_path_factory):
 
 def make_app(loaded, tiny_model, reports=None, **settings):
     model, tokenizer = loaded
-    threshold = common.read_threshold(tiny_model)
-    info = serve.model_info(tiny_model, None, threshold, reports)
-    return serve.create_app(model, tokenizer, threshold, info, serve.Settings(**settings))
+    threshold = read_threshold(tiny_model)
+    info = model_info(tiny_model, None, threshold, reports)
+    return create_app(model, tokenizer, threshold, info, Settings(**settings))
 
 
 @pytest.fixture(scope="module")
 def server(loaded, tiny_model, reports):
-    with serve.BackgroundServer(make_app(loaded, tiny_model, reports, max_wait_ms=50)) as srv:
+    with BackgroundServer(make_app(loaded, tiny_model, reports, max_wait_ms=50)) as srv:
         yield srv
 
 
@@ -79,7 +89,7 @@ def stats(url, **kw):
 
 
 def direct(loaded, messages):
-    return [float(x) for x in common.p_spam(*loaded, messages)]
+    return [float(x) for x in scoring.p_spam(*loaded, messages)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +101,7 @@ def test_healthz_model_info_and_docs(server, tiny_model, reports):
     status, info, _ = request(server.url, path="/v1/model")
     assert status == 200
     assert info["model"] == str(tiny_model) and info["base_model"] == str(tiny_model)
-    assert info["threshold"] == common.DEFAULT_THRESHOLD and info["adapter_config"] is None
+    assert info["threshold"] == DEFAULT_THRESHOLD and info["adapter_config"] is None
     assert info["test_metrics"]["f1"] == METRICS["f1"] and info["ready"] is True
     assert info["settings"]["max_wait_ms"] == 50 and info["settings"]["api_key_required"] is False
     status, page, _ = request(server.url, path="/docs")
@@ -108,10 +118,10 @@ def test_model_info_of_adapters_and_fused_folders(tmp_path, tiny_model, reports)
     (ad / "adapter_config.json").write_text(json.dumps({"model": "/base", "lora_parameters": {
         "rank": 8}}))
     (ad / "threshold.json").write_text(json.dumps({"threshold": 0.7}))
-    info = serve.model_info(tiny_model, ad, common.read_threshold(ad), reports)
+    info = model_info(tiny_model, ad, read_threshold(ad), reports)
     assert info["threshold"] == 0.7 and info["adapter_config"]["lora_parameters"]["rank"] == 8
     assert info["adapter_path"] == str(ad) and info["fused"] is False
-    fused = serve.model_info(ad, None, 0.7, tmp_path / "no-reports")  # the fused layout
+    fused = model_info(ad, None, 0.7, tmp_path / "no-reports")  # the fused layout
     assert fused["fused"] is True and fused["base_model"] == "/base"
     assert fused["test_metrics"] is None
 
@@ -123,7 +133,7 @@ def test_classify_gives_each_message_its_own_result_in_order(server, loaded):
                 "Ok lar, I'll be there by 6 😂"]
     status, body, _ = classify(server.url, messages)
     assert status == 200, body
-    assert body["model"] and body["threshold"] == common.DEFAULT_THRESHOLD
+    assert body["model"] and body["threshold"] == DEFAULT_THRESHOLD
     want = direct(loaded, messages)
     assert len(body["results"]) == len(messages)
     for r, p in zip(body["results"], want):
@@ -137,7 +147,7 @@ def test_page_examples_and_static_files(server):
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert 'id="message"' in page and 'id="classify"' in page and "__CONFIG__" not in page
     status, body, _ = request(server.url, path="/v1/examples")
-    suite = [r for r in common.read_jsonl(common.STRESS_SUITE) if r["category"] == "final-boss"]
+    suite = [r for r in read_jsonl(STRESS_SUITE) if r["category"] == "final-boss"]
     assert status == 200 and len(body["examples"]) == len(suite) == 5
     assert [e["text"] for e in body["examples"]] == [r["text"] for r in suite]
     for e in body["examples"]:  # embedded in the page (JSON-escaped)
@@ -233,7 +243,7 @@ def test_wrong_method_and_content_type(server):
 
 def test_api_key(loaded, tiny_model):
     key = "s3cret-key"
-    with serve.BackgroundServer(make_app(loaded, tiny_model, api_key=key)) as srv:
+    with BackgroundServer(make_app(loaded, tiny_model, api_key=key)) as srv:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"X-API-Key": "nope"},
                         {"Authorization": key}):
             status, data, h = classify(srv.url, ["hi"], headers=headers)
@@ -252,11 +262,16 @@ def test_api_key(loaded, tiny_model):
 
 
 def test_api_key_from_the_environment(monkeypatch):
+    def parser():
+        p = argparse.ArgumentParser()
+        server_settings.add_arguments(p)
+        return p
+
     monkeypatch.setenv("SMS_API_KEY", "from-env")
-    assert serve.build_parser().parse_args([]).api_key == "from-env"
-    assert serve.build_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
+    assert parser().parse_args([]).api_key == "from-env"
+    assert parser().parse_args(["--api-key", "flag"]).api_key == "flag"
     monkeypatch.delenv("SMS_API_KEY")
-    assert serve.build_parser().parse_args([]).api_key is None
+    assert parser().parse_args([]).api_key is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +313,7 @@ def test_concurrent_requests_share_a_batch(server, loaded):
 
 def test_max_batch_bounds_each_model_call(loaded, tiny_model):
     app = make_app(loaded, tiny_model, max_batch=4, max_messages=10, max_wait_ms=20)
-    with serve.BackgroundServer(app) as srv:
+    with BackgroundServer(app) as srv:
         msgs = [f"number {i} says hello" for i in range(10)]
         status, body, _ = classify(srv.url, msgs)
         assert status == 200
@@ -311,7 +326,7 @@ def test_max_batch_bounds_each_model_call(loaded, tiny_model):
 
 def test_busy_queue_answers_503(loaded, tiny_model):
     app = make_app(loaded, tiny_model, max_queue=3, max_messages=3)
-    with serve.BackgroundServer(app) as srv:
+    with BackgroundServer(app) as srv:
         app.state.scorer.queued = 2  # as if two messages were waiting
         status, data, h = classify(srv.url, ["a", "b"])
         assert status == 503 and "busy" in data["error"] and h["retry-after"] == "1"
@@ -321,7 +336,7 @@ def test_busy_queue_answers_503(loaded, tiny_model):
 
 def test_client_disconnect_costs_nothing_and_breaks_nothing(loaded, tiny_model):
     app = make_app(loaded, tiny_model, max_wait_ms=400)
-    with serve.BackgroundServer(app) as srv:
+    with BackgroundServer(app) as srv:
         u = urlsplit(srv.url)
         body = json.dumps({"messages": ["gone before the answer"] * 5}).encode()
         for _ in range(3):
@@ -340,7 +355,7 @@ def test_client_disconnect_costs_nothing_and_breaks_nothing(loaded, tiny_model):
 
 def test_model_errors_do_not_kill_the_worker(loaded, tiny_model, monkeypatch):
     app = make_app(loaded, tiny_model, max_wait_ms=1)
-    real = common.p_spam
+    real = scoring.p_spam
     calls = []
 
     def flaky(model, tokenizer, messages, batch_size=32):
@@ -349,15 +364,15 @@ def test_model_errors_do_not_kill_the_worker(loaded, tiny_model, monkeypatch):
             raise RuntimeError("a batch-level failure")
         return real(model, tokenizer, messages, batch_size)
 
-    with serve.BackgroundServer(app) as srv:
-        monkeypatch.setattr(common, "p_spam", flaky)
+    with BackgroundServer(app) as srv:
+        monkeypatch.setattr(scoring, "p_spam", flaky)
         status, body, _ = classify(srv.url, ["one", "two", "three"])
         assert status == 200 and len(body["results"]) == 3  # retried one by one
         assert calls == [3, 1, 1, 1]
-        monkeypatch.setattr(common, "p_spam", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(scoring, "p_spam", lambda *a, **k: 1 / 0)
         status, body, _ = classify(srv.url, ["doomed"])
         assert status == 500 and set(body) == {"error"}
-        monkeypatch.setattr(common, "p_spam", real)
+        monkeypatch.setattr(scoring, "p_spam", real)
         assert classify(srv.url, ["back to normal"])[0] == 200
         assert request(srv.url, path="/healthz")[0] == 200
 
@@ -373,8 +388,8 @@ def test_not_ready_until_the_model_is_loaded(loaded, tiny_model):
         assert release.wait(20)
         return loaded
 
-    app = serve.create_app(None, None, 0.5, {"model": "tiny"}, serve.Settings(), loader=loader)
-    with serve.BackgroundServer(app) as srv:
+    app = create_app(None, None, 0.5, {"model": "tiny"}, Settings(), loader=loader)
+    with BackgroundServer(app) as srv:
         assert request(srv.url, path="/healthz")[:2] == (503, {"status": "loading"})
         status, data, h = classify(srv.url, ["too early"])
         assert status == 503 and "loading" in data["error"] and h["retry-after"] == "1"
@@ -391,11 +406,11 @@ def test_a_failed_load_is_reported(tmp_path):
     errors = []
 
     def loader():
-        raise common.UserError("cannot load the model in /x: broken")
+        raise UserError("cannot load the model in /x: broken")
 
-    app = serve.create_app(None, None, 0.5, {"model": "x"}, serve.Settings(), loader=loader,
+    app = create_app(None, None, 0.5, {"model": "x"}, Settings(), loader=loader,
                            on_load_error=errors.append)
-    with serve.BackgroundServer(app) as srv:
+    with BackgroundServer(app) as srv:
         deadline = time.monotonic() + 10
         while not errors:
             assert time.monotonic() < deadline
