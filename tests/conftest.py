@@ -1,5 +1,5 @@
-"""Shared test helpers. pytest itself is re-executed with the fast BLAS (see scripts/fastblas.py)
-before any test module imports mlx."""
+"""Shared test helpers. pytest itself is re-executed with the fast BLAS (smslora/fastblas.py)
+before any test module imports mlx: the explicit entry point of the test run."""
 
 import importlib.util
 import os
@@ -10,8 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
-from smslora import fastblas  # noqa: E402  (imports nothing heavy)
 import pytest  # noqa: E402
+
+from smslora import fastblas  # noqa: E402  (imports nothing heavy)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -50,7 +51,8 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    prep = load_script("02_prepare_data")
+    from smslora import splits
+
     out = tmp_path_factory.mktemp("data")
-    prep.prepare("shipped", out)
+    splits.prepare("shipped", out)
     return out

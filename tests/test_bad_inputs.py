@@ -6,18 +6,20 @@ must simply work. The HTTP API's cases are in test_serve.py (BAD)."""
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
-import common
 import tiny
-from conftest import load_script
+from smslora import artifacts, paths
+from smslora.commands import chat as chat_cmd
+from smslora.commands import evaluate as evaluate_cmd
+from smslora.commands import prepare as prepare_cmd
+from smslora.commands import train as train_cmd
+from smslora.data import clean, read_rows
+from smslora.model import load_model
 
-prep = load_script("02_prepare_data")
-train = load_script("03_train")
-evaluate = load_script("04_evaluate")
-chat = load_script("07_chat")
 
 
 def snapshot(folder):
@@ -82,13 +84,13 @@ def test_bad_dataset(tmp_path, previous, capsys, case):
     if content is not None:
         src.write_bytes(content)
     before = snapshot(previous)
-    fails(capsys, prep.main, ["--source", src, "--out", previous], needle)
+    fails(capsys, prepare_cmd.main, ["--source", src, "--out", previous], needle)
     assert snapshot(previous) == before
 
 
 def test_a_directory_as_the_dataset(tmp_path, previous, capsys):
     before = snapshot(previous)
-    fails(capsys, prep.main, ["--source", tmp_path, "--out", previous], "not found")
+    fails(capsys, prepare_cmd.main, ["--source", tmp_path, "--out", previous], "not found")
     assert snapshot(previous) == before
 
 
@@ -105,7 +107,7 @@ def test_a_directory_as_the_dataset(tmp_path, previous, capsys):
 ])
 def test_bad_counts(previous, capsys, flags, needle):
     before = snapshot(previous)
-    fails(capsys, prep.main, [*flags, "--out", previous], needle)
+    fails(capsys, prepare_cmd.main, [*flags, "--out", previous], needle)
     assert snapshot(previous) == before
 
 
@@ -114,7 +116,7 @@ def test_odd_but_valid_data_is_read_correctly(tmp_path):
     long = "free entry " * 9100  # ~100 KB
     src = tmp_path / "odd.tsv"
     src.write_bytes(("\ufeffSPAM\tWIN a prize\r\nHam\t😂😂👍\r\nspam\t" + long + "\r\n").encode())
-    rows = prep.clean(prep.read_rows(src))
+    rows = clean(read_rows(src))
     assert [r["label"] for r in rows] == ["spam", "ham", "spam"]
     assert rows[0]["message"] == "WIN a prize" and rows[1]["message"] == "😂😂👍"
     assert len(rows[2]["message"]) == len(long.strip())
@@ -126,7 +128,7 @@ def test_odd_but_valid_data_is_read_correctly(tmp_path):
 ], ids=["read-only folder", "full disk"])
 def test_unwritable_output_folder(previous, capsys, monkeypatch, error, needle):
     """A read-only folder (simulated: the tests may run as root) or a full disk mid-write."""
-    real_fsync = common.os.fsync
+    real_fsync = artifacts.os.fsync
     writes = []
 
     def failing_fsync(fd):  # the file's bytes were written; committing them fails
@@ -136,9 +138,9 @@ def test_unwritable_output_folder(previous, capsys, monkeypatch, error, needle):
             raise error
         real_fsync(fd)
 
-    monkeypatch.setattr(common.os, "fsync", failing_fsync)
+    monkeypatch.setattr(artifacts.os, "fsync", failing_fsync)
     before = snapshot(previous)
-    fails(capsys, prep.main, ["--out", previous], needle)
+    fails(capsys, prepare_cmd.main, ["--out", previous], needle)
     after = snapshot(previous)
     assert not [p for p in after if str(p).endswith(".tmp")]  # no temporary left behind
     changed = [p for p in after if after[p] != before.get(p)]
@@ -146,7 +148,7 @@ def test_unwritable_output_folder(previous, capsys, monkeypatch, error, needle):
     # at most the one file that was committed whole before the failure; nothing half-written
     assert len(changed) <= 1
     for p in changed:
-        common.read_jsonl(previous / p) if str(p).endswith(".jsonl") else json.loads(after[p])
+        artifacts.read_jsonl(previous / p) if str(p).endswith(".jsonl") else json.loads(after[p])
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -169,7 +171,7 @@ def test_splits_of_another_run_or_damaged_are_refused(tmp_path, previous, tiny_m
         del manifest["sha256"]["test"]
         (previous / "split.json").write_text(json.dumps(manifest))
         test.write_bytes(b'{"message": "hi", "label": "ham"}\n{garbled\n')
-    fails(capsys, evaluate.main, ["--model", tiny_model, "--data", previous, "--out",
+    fails(capsys, evaluate_cmd.main, ["--model", tiny_model, "--data", previous, "--out",
                                   tmp_path / "rep"], needle)
     assert not (tmp_path / "rep").exists()
 
@@ -195,13 +197,13 @@ CONFIGS = {
 def test_bad_config(tmp_path, capsys, case):
     content, needle = CONFIGS[case]
     (tmp_path / "bad.yaml").write_bytes(content)
-    fails(capsys, train.main, ["--config", tmp_path / "bad.yaml",
+    fails(capsys, train_cmd.main, ["--config", tmp_path / "bad.yaml",
                                "--adapter-path", tmp_path / "ad"], needle)
     assert not (tmp_path / "ad").exists() and not (tmp_path / ".ad.partial").exists()
 
 
 def test_more_lora_layers_than_the_model_has(tmp_path, tiny_model, data_dir, capsys):
-    fails(capsys, train.main, ["--model", tiny_model, "--data", data_dir, "--num-layers", "9",
+    fails(capsys, train_cmd.main, ["--model", tiny_model, "--data", data_dir, "--num-layers", "9",
                                "--adapter-path", tmp_path / "ad"], "the model has 2")
     assert not (tmp_path / "ad").exists()
 
@@ -209,14 +211,15 @@ def test_more_lora_layers_than_the_model_has(tmp_path, tiny_model, data_dir, cap
 def test_a_bad_compile_switch_stops_training_before_any_work(tmp_path, tiny_model, data_dir,
                                                             capsys, monkeypatch):
     monkeypatch.setenv("SMS_LORA_COMPILE_STEP", "yes")
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    fails(capsys, train.main, ["--model", tiny_model, "--data", data_dir,
+    monkeypatch.setattr("smslora.finetune.load_model",
+                        lambda *a, **k: pytest.fail("loaded a model"))
+    fails(capsys, train_cmd.main, ["--model", tiny_model, "--data", data_dir,
                                "--adapter-path", tmp_path / "ad"], "SMS_LORA_COMPILE_STEP='yes'")
     assert not (tmp_path / "ad").exists() and not (tmp_path / ".ad.partial").exists()
 
 
 # ---------------------------------------------------------------------------------------------
-# Model folders (every step that loads one goes through common.load_model).
+# Model folders (every step that loads one goes through load_model).
 
 
 @pytest.fixture
@@ -229,7 +232,7 @@ def model_copy(tmp_path, tiny_model):
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_model, data_dir):
     ad = tmp_path_factory.mktemp("ad") / "adapters"
-    train.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
+    train_cmd.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
                 "--adapter-path", str(ad), "--reports", str(ad.parent / "rep"), "--iters", "2",
                 "--num-layers", "2"])
     return ad
@@ -254,7 +257,7 @@ def break_model(kind, model, adapters, tmp_path):
     elif kind == "config not JSON":
         (model / "config.json").write_text("{not json")
     elif kind == "weights changed after writing":
-        common.write_checksums(model, "scripts/01_download_model.py")
+        artifacts.write_checksums(model, "scripts/01_download_model.py")
         w = next(model.glob("*.safetensors"))
         data = bytearray(w.read_bytes())
         data[-1] ^= 0xFF
@@ -271,7 +274,7 @@ def break_model(kind, model, adapters, tmp_path):
         w = dict(mx.load(str(ad / "adapters.safetensors")))
         w.pop(sorted(w)[0])
         mx.save_safetensors(str(ad / "adapters.safetensors"), w)
-        (ad / common.CHECKSUMS).unlink()
+        (ad / paths.CHECKSUMS).unlink()
         return argv + ["--adapter-path", ad]
     elif kind == "adapters for more layers":
         cfg = json.loads((ad / "adapter_config.json").read_text())
@@ -281,10 +284,10 @@ def break_model(kind, model, adapters, tmp_path):
         (ad / "adapters.safetensors").unlink()
         return argv + ["--adapter-path", ad]
     elif kind == "threshold.json cut short":
-        (ad / common.THRESHOLD_FILE).write_text('{"threshold": 0.9')
+        (ad / paths.THRESHOLD_FILE).write_text('{"threshold": 0.9')
         return argv + ["--adapter-path", ad]
     elif kind == "threshold out of range":
-        (ad / common.THRESHOLD_FILE).write_text('{"threshold": 7}')
+        (ad / paths.THRESHOLD_FILE).write_text('{"threshold": 7}')
         return argv + ["--adapter-path", ad]
     return argv
 
@@ -312,15 +315,15 @@ def test_bad_model_folder(tmp_path, model_copy, adapters, data_dir, capsys, kind
     argv = break_model(kind, model_copy, adapters, tmp_path)
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "eval_retrained.json").write_text("{}\n")
-    fails(capsys, evaluate.main, argv + ["--name", "retrained"], MODELS[kind])
-    assert snapshot(tmp_path / "reports") == {common.Path("eval_retrained.json"): b"{}\n"}
+    fails(capsys, evaluate_cmd.main, argv + ["--name", "retrained"], MODELS[kind])
+    assert snapshot(tmp_path / "reports") == {Path("eval_retrained.json"): b"{}\n"}
 
 
 def test_remote_code_is_allowed_only_by_the_flag(tmp_path, model_copy, data_dir):
     cfg = json.loads((model_copy / "config.json").read_text())
     (model_copy / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.M"}}))
     (model_copy / "x.py").write_text("raise SystemExit('executed!')\n")
-    model, _ = common.load_model(model_copy, trust_remote_code=True)  # said so: loads
+    model, _ = load_model(model_copy, trust_remote_code=True)  # said so: loads
     assert len(model.layers) == 2  # and x.py was still never imported (mlx-lm's llama module)
 
 
@@ -347,7 +350,7 @@ def test_bad_file_to_classify(tmp_path, tiny_model, capsys, case):
         src.write_bytes(content)
     out = tmp_path / "verdicts.jsonl"
     out.write_text("earlier\n")
-    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output", out], needle)
+    fails(capsys, chat_cmd.main, ["--model", tiny_model, "--input", src, "--output", out], needle)
     assert out.read_text() == "earlier\n"
 
 
@@ -356,8 +359,8 @@ def test_a_threshold_outside_0_to_1_is_refused_before_loading(tmp_path, tiny_mod
                                                               monkeypatch, value):
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output",
+    monkeypatch.setattr("smslora.model.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    fails(capsys, chat_cmd.main, ["--model", tiny_model, "--input", src, "--output",
                               tmp_path / "out.jsonl", "--threshold", value], "--threshold must be")
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -374,8 +377,8 @@ def test_verdicts_cannot_be_written(tmp_path, tiny_model, capsys, monkeypatch, e
     def failing_fsync(fd):
         raise error
 
-    monkeypatch.setattr(chat.os, "fsync", failing_fsync)
-    fails(capsys, chat.main, ["--model", tiny_model, "--input", src, "--output", out], needle)
+    monkeypatch.setattr(artifacts.os, "fsync", failing_fsync)
+    fails(capsys, chat_cmd.main, ["--model", tiny_model, "--input", src, "--output", out], needle)
     assert out.read_text() == "earlier\n"
 
 
@@ -384,7 +387,7 @@ def test_odd_but_valid_messages_are_classified(tmp_path, tiny_model, capsys):
     rows = ["😂😂👍", "free entry " * 9100, "ﾃｽﾄ\u202eevil", "ok\r\nbye"]
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     out = tmp_path / "verdicts.jsonl"
-    chat.main(["--model", str(tiny_model), "--input", str(src), "--output", str(out)])
-    got = common.read_jsonl(out)
+    chat_cmd.main(["--model", str(tiny_model), "--input", str(src), "--output", str(out)])
+    got = artifacts.read_jsonl(out)
     assert [g["text"] for g in got] == rows
     assert all(g["label"] in ("spam", "ham") and 0 <= g["p_spam"] <= 1 for g in got)

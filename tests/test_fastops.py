@@ -10,9 +10,11 @@ import pytest
 from mlx_lm.models import activations, llama
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention
 
-import common
 from smslora import fastops
 import tiny
+from smslora import scoring
+from smslora.loss import projected_cross_entropy
+from smslora.model import load_model
 
 
 def test_exp_is_float32_accurate_over_the_whole_range():
@@ -69,7 +71,7 @@ def test_attention_matches_mlx_with_grouped_queries(mask):
 
 def test_a_model_gives_the_same_logits_with_and_without(tmp_path, monkeypatch):
     path = tiny.make_tiny_model(tmp_path / "m")
-    model, _ = common.load_model(path)  # on a CPU: installs fastops
+    model, _ = load_model(path)  # on a CPU: installs fastops
     assert llama.swiglu is fastops.swiglu
     ids = mx.array([[5, 9, 33, 2, 17, 80], [3, 3, 60, 1, 0, 0]])
     fast = model(ids)
@@ -84,21 +86,21 @@ def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
     words of the output layer at a time, the gradient computed with the loss) gives the plain
     project-then-cross-entropy values and gradients; so does its forward-only form (grad=False,
     validation)."""
-    model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m", tie_word_embeddings=tied))
-    assert common.output_weight(model) is not None
+    model, _ = load_model(tiny.make_tiny_model(tmp_path / "m", tie_word_embeddings=tied))
+    assert scoring.output_weight(model) is not None
     mx.random.seed(3)
     h, w = mx.random.normal((3, 50, model.args.hidden_size)), mx.random.uniform(shape=(3, 50))
     targets = mx.random.randint(0, model.args.vocab_size, (3, 50))
 
     def plain(x):
-        return (nn.losses.cross_entropy(common.project(model, x), targets) * w).sum()
+        return (nn.losses.cross_entropy(scoring.project(model, x), targets) * w).sum()
 
     def chunked(x):  # 150 positions: 10 spans of 16, the last one short; 512 words: 6 chunks
-        return (common.projected_cross_entropy(model, x, targets, rows=16, cols=100, keep=0)
+        return (projected_cross_entropy(model, x, targets, rows=16, cols=100, keep=0)
                 * w).sum()
 
     assert abs(chunked(h).item() - plain(h).item()) < 1e-3 * abs(plain(h).item())
-    measured = (common.projected_cross_entropy(model, h, targets, rows=16, cols=100, keep=0,
+    measured = (projected_cross_entropy(model, h, targets, rows=16, cols=100, keep=0,
                                                grad=False) * w).sum()
     assert abs(measured.item() - plain(h).item()) < 1e-3 * abs(plain(h).item())
     g1, g2 = mx.grad(chunked)(h), mx.grad(plain)(h)
@@ -107,7 +109,7 @@ def test_projected_cross_entropy_chunked_equals_the_plain_loss(tmp_path, tied):
 
 
 def test_label_logits_are_those_columns_of_the_full_projection(tmp_path):
-    model, _ = common.load_model(tiny.make_tiny_model(tmp_path / "m"))
+    model, _ = load_model(tiny.make_tiny_model(tmp_path / "m"))
     h = mx.random.normal((4, model.args.hidden_size))
-    assert mx.allclose(common.label_logits(model, h, [7, 3]), common.project(model, h)[:, [7, 3]],
+    assert mx.allclose(scoring.label_logits(model, h, [7, 3]), scoring.project(model, h)[:, [7, 3]],
                        atol=1e-5)

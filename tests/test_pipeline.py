@@ -6,10 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import common
-from conftest import load_script, run_script
+from conftest import run_script
+from smslora import artifacts, baselines, fuse, scoring, task
+from smslora.commands import fuse as fuse_cmd
+from smslora.model import load_model
+from smslora.pipeline import Step, default_steps, run_steps
 
-fuse_script = load_script("06_fuse")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def trained(tmp_path_factory, tiny_model, data_dir):
     weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
                for k, v in weights.items()}
     mx.save_safetensors(str(ad / "adapters.safetensors"), weights)
-    common.write_checksums(ad, "scripts/03_train.py")  # a deliberate edit: record it
+    artifacts.write_checksums(ad, "scripts/03_train.py")  # a deliberate edit: record it
     return ad
 
 
@@ -40,10 +42,10 @@ def test_fused_model_matches_base_plus_adapter(tmp_path, tiny_model, trained, da
     assert (fused / "threshold.json").read_text() == (trained / "threshold.json").read_text()
     assert "quantization" not in json.loads((fused / "config.json").read_text())
 
-    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:40]]
-    base = common.score_logits(*common.load_model(tiny_model), messages)
-    with_adapter = common.score_logits(*common.load_model(tiny_model, trained), messages)
-    fused_logits = common.score_logits(*common.load_model(fused), messages)
+    messages = [r["message"] for r in artifacts.read_jsonl(data_dir / "test.jsonl")[:40]]
+    base = scoring.score_logits(*load_model(tiny_model), messages)
+    with_adapter = scoring.score_logits(*load_model(tiny_model, trained), messages)
+    fused_logits = scoring.score_logits(*load_model(fused), messages)
     assert np.abs(with_adapter - base).max() > 0.1  # the adapter matters...
     np.testing.assert_allclose(fused_logits, with_adapter, atol=5e-3)  # ...and fusing keeps it
 
@@ -75,10 +77,10 @@ def test_fuse_reuses_the_evaluation_only_when_it_scored_the_same_weights(tmp_pat
             (other / f.name).write_bytes(f.read_bytes())
     weights = {k: v * 2 for k, v in mx.load(str(other / "adapters.safetensors")).items()}
     mx.save_safetensors(str(other / "adapters.safetensors"), weights)
-    common.write_checksums(other, "scripts/03_train.py")
-    assert fuse_script.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, other,
+    artifacts.write_checksums(other, "scripts/03_train.py")
+    assert fuse.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, other,
                                                data_dir / "test.jsonl", True) is None
-    assert fuse_script.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, trained,
+    assert fuse.reusable_adapter_logits(rep / "eval_retrained.json", tiny_model, trained,
                                                data_dir / "test.jsonl", True) is not None
 
 
@@ -90,15 +92,15 @@ def test_fuse_crash_leaves_the_previous_model(tmp_path, tiny_model, trained, dat
     def crash(*args, **kwargs):
         raise RuntimeError("power cut in the middle of saving")
 
-    monkeypatch.setattr(fuse_script, "save", crash)
+    monkeypatch.setattr("smslora.fuse.save", crash)
     with pytest.raises(RuntimeError):
-        fuse_script.main(["--model", str(tiny_model), "--adapter-path", str(trained),
+        fuse_cmd.main(["--model", str(tiny_model), "--adapter-path", str(trained),
                           "--save-path", str(fused), "--data", str(data_dir),
                           "--out", str(tmp_path / "reports")])
     assert sorted(p.name for p in fused.iterdir()) == ["marker"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     monkeypatch.undo()
-    fuse_script.main(["--model", str(tiny_model), "--adapter-path", str(trained),
+    fuse_cmd.main(["--model", str(tiny_model), "--adapter-path", str(trained),
                       "--save-path", str(fused), "--data", str(data_dir),
                       "--out", str(tmp_path / "reports")])
     assert (fused / "config.json").is_file() and not (fused / "marker").exists()
@@ -118,7 +120,7 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     assert t["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / 1031)
     assert t["threshold"] == json.loads((trained / "threshold.json").read_text())["threshold"]
     assert ev["fixed_messages"]["tokens"] > 10 * 20
-    assert len(common.read_jsonl(rep / "scores_retrained.jsonl")) == 1031
+    assert len(artifacts.read_jsonl(rep / "scores_retrained.jsonl")) == 1031
 
     r = run_script("05_stress_test.py", "--model", tiny_model, "--adapter-path", trained,
                    "--name", "fused", "--out", rep)
@@ -147,7 +149,7 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
     r = run_script("07_chat.py", "--model", tiny_model, "--adapter-path", trained,
                    "--input", src, "--output", out)
     assert r.returncode == 0, r.stderr
-    rows = common.read_jsonl(out)
+    rows = artifacts.read_jsonl(out)
     assert [x["text"][:12] for x in rows] == ["WIN a free p", "see you at 6", "🎉🎉", "very long me"]
     assert all(x["label"] in ("spam", "ham") and 0 <= x["p_spam"] <= 1 for x in rows)
 
@@ -159,12 +161,12 @@ def test_evaluate_stress_chat_and_report(tmp_path, tiny_model, trained, data_dir
         r = run_script("07_chat.py", "--model", tiny_model, "--adapter-path", trained,
                        "--input", src, "--output", out, "--threshold", threshold)
         assert r.returncode == 0, r.stderr
-        assert [x["label"] for x in common.read_jsonl(out)] == [label] * 4
+        assert [x["label"] for x in artifacts.read_jsonl(out)] == [label] * 4
 
 
 def test_long_message_is_truncated_never_the_prompt(tiny_model):
-    _, tok = common.load_model(tiny_model)
-    ids = common.encode_prompt(tok, "spam spam lovely spam " * 500, max_tokens=100)
+    _, tok = load_model(tiny_model)
+    ids = scoring.encode_prompt(tok, "spam spam lovely spam " * 500, max_tokens=100)
     assert len(ids) <= 100
     assert tok.decode(ids).endswith("\nClassification:")
     assert tok.decode(ids).startswith("Classify the following SMS message as spam or not spam.")
@@ -179,8 +181,8 @@ def test_long_message_is_truncated_never_the_prompt(tiny_model):
         decode = staticmethod(tok.decode)
 
     huge = "spam spam lovely spam " * 50_000
-    assert common.encode_prompt(Spy(), huge, max_tokens=100) == ids
-    assert max(seen) <= common.CHARS_PER_TOKEN * 100 + len(common.format_prompt(""))
+    assert scoring.encode_prompt(Spy(), huge, max_tokens=100) == ids
+    assert max(seen) <= task.CHARS_PER_TOKEN * 100 + len(task.format_prompt(""))
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -216,32 +218,32 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_model, args, needle):
 
 
 def test_shared_prefix_cache_gives_the_same_scores(tiny_model, data_dir, monkeypatch):
-    model, tok = common.load_model(tiny_model)
-    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:50]]
-    assert all(common.encode_prompt(tok, m)[:14] == common.prompt_prefix_ids(tok) for m in messages)
-    cached = common.score_logits(model, tok, messages, batch_size=16)
-    monkeypatch.setattr(common, "prompt_prefix_ids", lambda tok: [-1])  # no shared prefix
-    full = common.score_logits(model, tok, messages, batch_size=16)
+    model, tok = load_model(tiny_model)
+    messages = [r["message"] for r in artifacts.read_jsonl(data_dir / "test.jsonl")[:50]]
+    assert all(scoring.encode_prompt(tok, m)[:14] == scoring.prompt_prefix_ids(tok) for m in messages)
+    cached = scoring.score_logits(model, tok, messages, batch_size=16)
+    monkeypatch.setattr("smslora.scoring.prompt_prefix_ids", lambda tok: [-1])  # no shared prefix
+    full = scoring.score_logits(model, tok, messages, batch_size=16)
     np.testing.assert_allclose(cached, full, atol=1e-4)
-    single = common.score_logits(model, tok, messages[:5], batch_size=1)
+    single = scoring.score_logits(model, tok, messages[:5], batch_size=1)
     np.testing.assert_allclose(single, full[:5], atol=1e-4)  # padding never leaks into a score
 
 
 def test_the_openings_keys_are_computed_again_only_when_the_weights_change(tiny_model, data_dir):
     from mlx.utils import tree_flatten
 
-    model, tok = common.load_model(tiny_model)
-    messages = [r["message"] for r in common.read_jsonl(data_dir / "test.jsonl")[:8]]
-    prefix = common.prompt_prefix_ids(tok)
-    before = common.score_logits(model, tok, messages)
-    assert common._prefix_cache(model, prefix) is common._prefix_cache(model, prefix)
+    model, tok = load_model(tiny_model)
+    messages = [r["message"] for r in artifacts.read_jsonl(data_dir / "test.jsonl")[:8]]
+    prefix = scoring.prompt_prefix_ids(tok)
+    before = scoring.score_logits(model, tok, messages)
+    assert scoring._prefix_cache(model, prefix) is scoring._prefix_cache(model, prefix)
     assert not any("opening" in k for k, _ in tree_flatten(model.parameters()))  # never saved
     norm = model.layers[0].input_layernorm
     norm.weight = norm.weight * 3  # new weights in the same model object
-    after = common.score_logits(model, tok, messages)
-    fresh, _ = common.load_model(tiny_model)
+    after = scoring.score_logits(model, tok, messages)
+    fresh, _ = load_model(tiny_model)
     fresh.layers[0].input_layernorm.weight = fresh.layers[0].input_layernorm.weight * 3
-    np.testing.assert_allclose(after, common.score_logits(fresh, tok, messages), atol=1e-5)
+    np.testing.assert_allclose(after, scoring.score_logits(fresh, tok, messages), atol=1e-5)
     assert np.abs(after - before).max() > 1e-3
 
 
@@ -256,7 +258,7 @@ def test_bulk_scoring_resumes_an_interrupted_output(tmp_path, tiny_model):
     r = run_script("07_chat.py", "--model", tiny_model, "--input", src, "--output", out)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr and "7/7" in r.stderr
-    rows = common.read_jsonl(out)
+    rows = artifacts.read_jsonl(out)
     assert [x["text"] for x in rows] == [f"message number {i}" for i in range(7)]
     assert [x["p_spam"] for x in rows[:2]] == [0.123456, 0.123456]  # kept, not re-scored
     assert rows[2]["p_spam"] != 0.123456
@@ -265,34 +267,44 @@ def test_bulk_scoring_resumes_an_interrupted_output(tmp_path, tiny_model):
 
 def test_one_process_pipeline_writes_what_separate_processes_write(tmp_path, tiny_model,
                                                                    data_dir):
-    """scripts/pipeline.py calls each step's main() in one process (runme.sh's way): the same
-    artifacts as running the scripts one by one, nothing carried from one step to the next."""
-    pipeline = load_script("pipeline")
+    """The pipeline (runme.sh's way) calls each step's package function in one process: the
+    same artifacts as running the numbered scripts one by one, nothing carried from one step to
+    the next."""
+    from smslora import evaluate, finetune
+    from smslora.config import load_config
+
     outputs = {}
     for how in ("processes", "one-process"):
         out = tmp_path / how
+        flags = {"model": str(tiny_model), "data": str(data_dir),
+                 "adapter_path": str(out / "adapters"), "iters": 6, "num_layers": 2}
         steps = [
-            ("eval-base", "04_evaluate.py", ["--model", tiny_model, "--data", data_dir,
-                                             "--name", "baseline", "--out", out / "reports"]),
-            ("train", "03_train.py", ["--model", tiny_model, "--data", data_dir, "--adapter-path",
-                                      out / "adapters", "--reports", out / "reports", "--iters",
-                                      "6", "--num-layers", "2"]),
-            ("eval-lora", "04_evaluate.py", ["--model", tiny_model, "--adapter-path",
-                                             out / "adapters", "--data", data_dir, "--name",
-                                             "retrained", "--out", out / "reports"]),
+            Step("eval-base", "04_evaluate.py", lambda: evaluate.run(
+                tiny_model, None, data_dir, "baseline", out / "reports")),
+            Step("train", "03_train.py", lambda: finetune.run(
+                load_config("default", flags), out / "reports")),
+            Step("eval-lora", "04_evaluate.py", lambda: evaluate.run(
+                tiny_model, out / "adapters", data_dir, "retrained", out / "reports")),
         ]
         if how == "processes":
-            for _, script, args in steps:
-                r = run_script(script, *args)
+            for args in (["04_evaluate.py", "--model", tiny_model, "--data", data_dir,
+                          "--name", "baseline", "--out", out / "reports"],
+                         ["03_train.py", "--model", tiny_model, "--data", data_dir,
+                          "--adapter-path", out / "adapters", "--reports", out / "reports",
+                          "--iters", "6", "--num-layers", "2"],
+                         ["04_evaluate.py", "--model", tiny_model, "--adapter-path",
+                          out / "adapters", "--data", data_dir, "--name", "retrained", "--out",
+                          out / "reports"]):
+                r = run_script(*args)
                 assert r.returncode == 0, r.stderr
         else:
-            assert pipeline.run_steps(steps, tmp_path / "timings.tsv") == 0
+            assert run_steps(steps, tmp_path / "timings.tsv") == 0
         outputs[how] = {
             "adapter": {k: np.array(v) for k, v in
                         mx.load(str(out / "adapters" / "adapters.safetensors")).items()},
             "threshold": json.loads((out / "adapters" / "threshold.json").read_text()),
             **{name: [r["p_spam"] for r in
-                      common.read_jsonl(out / "reports" / f"scores_{name}.jsonl")]
+                      artifacts.read_jsonl(out / "reports" / f"scores_{name}.jsonl")]
                for name in ("baseline", "retrained")}}
     a, b = outputs["processes"], outputs["one-process"]
     assert a["adapter"].keys() == b["adapter"].keys()
@@ -304,15 +316,27 @@ def test_one_process_pipeline_writes_what_separate_processes_write(tmp_path, tin
     assert names == ["eval-base", "train", "eval-lora"]
 
 
+def test_pipeline_steps_are_the_commands_they_show():
+    """runme.sh's steps, each shown as the command line that runs it alone, in order."""
+    steps = default_steps()
+    assert [s.name for s in steps] == ["download", "prepare", "eval-base", "stress-base",
+                                       "train", "baselines", "eval-lora", "fuse", "stress-fused"]
+    assert steps[4].command == "03_train.py --config default"
+    assert default_steps("seed", resume=True)[4].command == "03_train.py --config seed --resume"
+    assert steps[7].command == "06_fuse.py --reuse reports/eval_retrained.json"
+
+
 def test_one_process_pipeline_stops_at_the_first_failing_step(tmp_path, tiny_model, data_dir,
                                                               capsys):
-    pipeline = load_script("pipeline")
-    steps = [("eval-base", "04_evaluate.py", ["--model", tiny_model, "--data", data_dir,
-                                              "--batch-size", "0", "--out", tmp_path]),
-             ("prepare", "02_prepare_data.py", ["--out", tmp_path / "never"])]
-    assert pipeline.run_steps(steps, tmp_path / "timings.tsv") == 2
+    from smslora import evaluate, splits
+
+    steps = [Step("eval-base", "04_evaluate.py", lambda: evaluate.run(
+                 tiny_model, None, tmp_path / "no-data", "baseline", tmp_path)),
+             Step("prepare", "02_prepare_data.py", lambda: splits.run(
+                 "shipped", tmp_path / "never"))]
+    assert run_steps(steps, tmp_path / "timings.tsv") == 2
     err = capsys.readouterr().err
-    assert "error: --batch-size must be positive" in err and "eval-base failed" in err
+    assert "error: test.jsonl not found" in err and "eval-base failed" in err
     assert not (tmp_path / "never").exists() and not (tmp_path / "timings.tsv").exists()
 
 
@@ -320,13 +344,12 @@ def test_tfidf_baselines_train_on_the_adapters_rows_and_score_every_evaluation_s
                                                                                    data_dir):
     """04 --tfidf: the classic filters, trained on the rows the adapters name, scored on the test
     split, the held-out sets and the stress suite; the training file changes what they learn."""
-    evaluate = load_script("04_evaluate")
     results = {}
     for train_file in ("train_all.jsonl", "train.jsonl"):
         out = tmp_path / train_file
         out.mkdir()
         results[train_file] = {r["name"]: r for r in
-                               evaluate.tfidf_baselines(data_dir, train_file, out)}
+                               baselines.tfidf_baselines(data_dir, train_file, out)}
         assert sorted(p.name for p in out.iterdir()) == ["eval_tfidf-logreg.json",
                                                          "eval_tfidf-svm.json"]
     for r in results["train_all.jsonl"].values():
@@ -345,18 +368,18 @@ def test_tfidf_baselines_train_on_the_adapters_rows_and_score_every_evaluation_s
 
 def test_scoring_batches_trade_padding_against_passes():
     """Scoring splits length-sorted messages where padding would cost more than a pass of its
-    own (common.PASS_TOKENS), within the same limits as the greedy batches training uses."""
+    own (scoring.PASS_TOKENS), within the same limits as the greedy batches training uses."""
     lengths = [1] * 8 + [40]
-    greedy = [list(b) for b in common.length_batches(lengths, 64)]
+    greedy = [list(b) for b in scoring.length_batches(lengths, 64)]
     assert greedy == [list(range(9))]  # one batch: 9 x 40 padded positions
-    cheapest = [list(b) for b in common.length_batches(lengths, 64, pass_tokens=32)]
+    cheapest = [list(b) for b in scoring.length_batches(lengths, 64, pass_tokens=32)]
     assert cheapest == [list(range(8)), [8]]  # 32 + 8 + 32 + 40 < 32 + 360
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 250, 300).tolist()
     for size, budget in ((64, 1024), (8, 512), (1, 1024)):
-        batches = list(common.length_batches(lengths, size, budget, pass_tokens=32))
+        batches = list(scoring.length_batches(lengths, size, budget, pass_tokens=32))
         assert sorted(i for b in batches for i in b) == list(range(300))
         assert all(len(b) <= size and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget)
                    for b in batches)
         def cost(bs): return sum(32 + len(b) * max(lengths[i] for i in b) for b in bs)
-        assert cost(batches) <= cost(list(common.length_batches(lengths, size, budget)))
+        assert cost(batches) <= cost(list(scoring.length_batches(lengths, size, budget)))

@@ -4,15 +4,14 @@ import json
 
 import pytest
 
-import common
 
-from conftest import load_script, run_script
+from conftest import run_script
+from smslora import artifacts, data, paths, splits, task
 
-prep = load_script("02_prepare_data")
 
 
 def test_split_counts_match_the_collection(tmp_path):
-    m = prep.prepare("shipped", tmp_path)
+    m = splits.prepare("shipped", tmp_path)
     assert m["raw_rows"] == 5574
     assert m["distinct_messages"] == 5159
     assert m["counts"]["train"] == {"ham": 400, "spam": 400}
@@ -31,13 +30,13 @@ def test_split_counts_match_the_collection(tmp_path):
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    prep.prepare("shipped", a)
-    prep.prepare("shipped", b)
+    splits.prepare("shipped", a)
+    splits.prepare("shipped", b)
     keys = {}
     names = ("train", "train_all", "valid", "calibration", "valid_modern", "test")
     for split in names:
         assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
-        keys[split] = {prep.dedupe_key(r["message"]) for r in common.read_jsonl(a / f"{split}.jsonl")}
+        keys[split] = {data.dedupe_key(r["message"]) for r in artifacts.read_jsonl(a / f"{split}.jsonl")}
     held_out = ("valid", "calibration", "valid_modern", "test")  # apart from every other split
     for i, x in enumerate(names):
         for y in names[i + 1:]:
@@ -45,50 +44,50 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
                 assert not keys[x] & keys[y], (x, y)
     assert keys["train"] <= keys["train_all"]
     other = tmp_path / "seed7"
-    prep.prepare("shipped", other, seed=7)
+    splits.prepare("shipped", other, seed=7)
     assert (other / "test.jsonl").read_bytes() != (a / "test.jsonl").read_bytes()
 
 
 def test_lines_carry_the_tutorial_format(tmp_path):
-    prep.prepare("shipped", tmp_path)
-    row = common.read_jsonl(tmp_path / "train.jsonl")[0]
-    assert row["text"] == common.format_prompt(row["message"]) + common.COMPLETIONS[row["label"]]
+    splits.prepare("shipped", tmp_path)
+    row = artifacts.read_jsonl(tmp_path / "train.jsonl")[0]
+    assert row["text"] == task.format_prompt(row["message"]) + task.COMPLETIONS[row["label"]]
     assert row["text"].startswith("Classify the following SMS message as spam or not spam.\nMessage: ")
     assert row["text"].endswith("\nClassification: spam") or row["text"].endswith(
         "\nClassification: not spam")
 
 
 def test_train_all_is_every_message_outside_test_valid_and_calibration(tmp_path):
-    m = prep.prepare("shipped", tmp_path, supplement=None)
+    m = splits.prepare("shipped", tmp_path, supplement=None)
     assert m["counts"]["train_all"] == {"ham": 4517 - 903 - 80 - 480, "spam": 642 - 128 - 80}
-    train = {r["message"] for r in common.read_jsonl(tmp_path / "train.jsonl")}
-    train_all = {r["message"] for r in common.read_jsonl(tmp_path / "train_all.jsonl")}
+    train = {r["message"] for r in artifacts.read_jsonl(tmp_path / "train.jsonl")}
+    train_all = {r["message"] for r in artifacts.read_jsonl(tmp_path / "train_all.jsonl")}
     assert train <= train_all
 
 
 def test_supplement_goes_to_train_all_and_valid_modern_only(tmp_path):
-    prep.prepare("shipped", tmp_path / "a", supplement=None)
-    test_msg = common.read_jsonl(tmp_path / "a" / "test.jsonl")[0]["message"]
+    splits.prepare("shipped", tmp_path / "a", supplement=None)
+    test_msg = artifacts.read_jsonl(tmp_path / "a" / "test.jsonl")[0]["message"]
     extra = tmp_path / "extra.jsonl"
     extra.write_text(json.dumps({"text": "Your Evri parcel fee is due: evri-fee.top",
                                  "label": "spam"}) + "\n"
                      + json.dumps({"text": test_msg.upper(), "label": "ham"}) + "\n")
-    m = prep.prepare("shipped", tmp_path / "b", supplement=extra, supplement_holdout=0)
+    m = splits.prepare("shipped", tmp_path / "b", supplement=extra, supplement_holdout=0)
     assert m["supplement"] == [{"file": "extra.jsonl", "messages": 1, "held_out": 0}]  # the
     # copy of a test message is dropped
-    rows = common.read_jsonl(tmp_path / "b" / "train_all.jsonl")
+    rows = artifacts.read_jsonl(tmp_path / "b" / "train_all.jsonl")
     assert sum(r["message"].startswith("Your Evri parcel") for r in rows) == 1
-    assert common.read_jsonl(tmp_path / "b" / "valid_modern.jsonl") == []
+    assert artifacts.read_jsonl(tmp_path / "b" / "valid_modern.jsonl") == []
     with extra.open("a") as f:
         f.write(json.dumps({"text": "Your Royal Mail parcel is out for delivery today",
                             "label": "ham"}) + "\n")
-    prep.prepare("shipped", tmp_path / "c", supplement=extra, supplement_holdout=1)
-    held = common.read_jsonl(tmp_path / "c" / "valid_modern.jsonl")  # one of each label
+    splits.prepare("shipped", tmp_path / "c", supplement=extra, supplement_holdout=1)
+    held = artifacts.read_jsonl(tmp_path / "c" / "valid_modern.jsonl")  # one of each label
     assert sorted(r["label"] for r in held) == ["ham", "spam"]
     assert not any(r["message"].startswith("Your Royal Mail") for r in
-                   common.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
+                   artifacts.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
     assert not any(r["message"].startswith("Your Evri") for r in
-                   common.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
+                   artifacts.read_jsonl(tmp_path / "c" / "train_all.jsonl"))
     for split in ("train", "valid", "calibration", "test"):
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == \
             (tmp_path / "b" / f"{split}.jsonl").read_bytes()
@@ -97,10 +96,10 @@ def test_supplement_goes_to_train_all_and_valid_modern_only(tmp_path):
 def test_shipped_supplement_never_repeats_an_evaluation_message():
     """modern_sms*.jsonl (training) and stress_suite.jsonl / the fixed messages (evaluation)
     are written apart: no message of one is in the other."""
-    supplement = {prep.dedupe_key(r["text"]) for f in common.SUPPLEMENTS
-                  for r in common.read_jsonl(f)}
-    for path in (common.STRESS_SUITE, common.FIXED_MESSAGES):
-        evaluation = {prep.dedupe_key(r["text"]) for r in common.read_jsonl(path)}
+    supplement = {data.dedupe_key(r["text"]) for f in paths.SUPPLEMENTS
+                  for r in artifacts.read_jsonl(f)}
+    for path in (paths.STRESS_SUITE, paths.FIXED_MESSAGES):
+        evaluation = {data.dedupe_key(r["text"]) for r in artifacts.read_jsonl(path)}
         assert not supplement & evaluation
 
 
@@ -113,7 +112,7 @@ def test_shipped_supplement_never_repeats_an_evaluation_message():
 def test_other_formats(tmp_path, suffix, content):
     src = tmp_path / f"in{suffix}"
     src.write_text(content, encoding="utf-8")
-    rows = prep.clean(prep.read_rows(src))
+    rows = data.clean(data.read_rows(src))
     assert sorted(r["label"] for r in rows) == ["ham", "ham", "spam", "spam"]
 
 

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import common
 from conftest import ROOT, run_script
+from smslora import artifacts
 
 ITERS = 60
 SETTINGS = ["--config", "seed", "--iters", str(ITERS), "--num-layers", "2", "--steps-per-eval",
@@ -85,7 +85,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_adapter(
     assert r.returncode == 0, r.stderr
     assert "Resumed from the checkpoint after iteration" in r.stdout
     same_adapters(ad, uninterrupted)
-    common.verify_checksums(ad)
+    artifacts.verify_checksums(ad)
     assert not (ad / "checkpoint").exists() and not (tmp_path / ".ad.partial").exists()
 
 

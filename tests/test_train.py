@@ -10,11 +10,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 
-import common
 import tiny
-from conftest import load_script, run_script
+from conftest import run_script
+from smslora import artifacts, errors, finetune, metrics, scoring, trainer
+from smslora.commands import train as train_cmd
+from smslora.batches import balanced_batch_at, batch_at, collate, padded, tokenize
+from smslora.config import TrainConfig, load_config
+from smslora.frozen import FrozenStates, blocks_to_recompute, cached_label_logits, opening_shared, release_blocks
+from smslora.model import load_model
+from smslora.threshold import choose_threshold
 
-train = load_script("03_train")
 
 
 def test_trainable_parameters_of_smollm2_135m_are_the_tutorials():
@@ -23,18 +28,18 @@ def test_trainable_parameters_of_smollm2_135m_are_the_tutorials():
     model = llama.Model(llama.ModelArgs.from_dict(tiny.SMOLLM2_135M))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     assert total == 134_515_008
-    cfg = train.load_config("seed", {})
-    assert train.add_lora(model, cfg) == 1_302_528
+    cfg = load_config("seed", {})
+    assert finetune.add_lora(model, cfg) == 1_302_528
 
 
 def test_shipped_configs_parse():
-    seed = train.load_config("seed", {})
+    seed = load_config("seed", {})
     assert (seed.num_layers, seed.lora_rank, seed.lora_scale, seed.batch_size, seed.iters,
             seed.learning_rate, seed.steps_per_eval, seed.val_batches, seed.loss) == \
         (16, 8, 20.0, 4, 400, 5e-5, 50, 10, "all")
-    default = train.load_config("default", {})
+    default = load_config("default", {})
     assert default.loss == "completion"
-    assert train.load_config("seed", {"iters": 7}).iters == 7  # flags override the file
+    assert load_config("seed", {"iters": 7}).iters == 7  # flags override the file
 
 
 @pytest.mark.parametrize("yaml_text,needle", [
@@ -64,19 +69,19 @@ def test_training_before_data_is_prepared_names_the_step(tmp_path, tiny_model):
 
 def test_batch_order_is_a_pure_function_of_step_and_seed():
     batches = [[i] for i in range(10)]
-    first = [train.batch_at(s, batches, 42) for s in range(25)]
-    assert first == [train.batch_at(s, batches, 42) for s in range(25)]
+    first = [batch_at(s, batches, 42) for s in range(25)]
+    assert first == [batch_at(s, batches, 42) for s in range(25)]
     assert sorted(b[0] for b in first[:10]) == list(range(10))  # each epoch sees every batch
-    assert first != [train.batch_at(s, batches, 7) for s in range(25)]
+    assert first != [batch_at(s, batches, 7) for s in range(25)]
 
 
 def test_completion_loss_only_counts_the_label_tokens(tiny_model):
-    model, tok = common.load_model(tiny_model)
+    model, tok = load_model(tiny_model)
     rows = [{"message": "WIN a prize now", "label": "spam"}, {"message": "ok see you", "label": "ham"}]
-    ex = train.tokenize(tok, rows, 64)
-    labels = common.label_token_ids(tok)
-    _, n_completion = train.loss_fn(model, *train.collate(ex, [0, 1]), True)
-    _, n_all = train.loss_fn(model, *train.collate(ex, [0, 1]), False)
+    ex = tokenize(tok, rows, 64)
+    labels = scoring.label_token_ids(tok)
+    _, n_completion = trainer.loss_fn(model, *collate(ex, [0, 1]), True)
+    _, n_all = trainer.loss_fn(model, *collate(ex, [0, 1]), False)
     # label tokens + EOS per message; every next-token position for "all"
     assert n_completion.item() == len(labels["spam"]) + len(labels["ham"]) + 2
     assert n_all.item() == sum(len(ids) - 1 for ids, _ in ex)
@@ -91,45 +96,45 @@ def test_frozen_states_give_the_loss_and_gradients_of_the_full_pass(tmp_path, mo
     nor does recomputing all or some of the blocks in the backward pass (mx.checkpoint, for long
     batches); nor does computing the prompt's opening once for the whole batch (share)."""
     path = tiny.make_tiny_model(tmp_path / "m", num_hidden_layers=4)
-    model, tok = common.load_model(path)
-    cfg = train.TrainConfig(num_layers=2, seed=1)
-    train.add_lora(model, cfg)
+    model, tok = load_model(path)
+    cfg = TrainConfig(num_layers=2, seed=1)
+    finetune.add_lora(model, cfg)
     for name, p in tree_flatten(model.trainable_parameters()):  # non-zero B: a live adapter
         if name.endswith("lora_b"):
             model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.1)]))
     rows = [{"message": m, "label": l} for m, l in [("WIN a prize now!!", "spam"), ("ok", "ham"),
             ("see you at the station at six then", "ham"), ("Claim your reward", "spam")]]
-    ex = train.tokenize(tok, rows, 64)
-    frozen = train.FrozenStates(model, ex, first=2, budget=40)  # batches of another composition
+    ex = tokenize(tok, rows, 64)
+    frozen = FrozenStates(model, ex, first=2, budget=40)  # batches of another composition
     idx = [2, 0, 3]
-    vg = nn.value_and_grad(model, train.loss_fn)
-    (plain, n1), g1 = vg(model, *train.collate(ex, idx), completion_only)
+    vg = nn.value_and_grad(model, trainer.loss_fn)
+    (plain, n1), g1 = vg(model, *collate(ex, idx), completion_only)
     shared = frozen.shared if share else 0
-    assert frozen.shared == len(common.prompt_prefix_ids(tok))  # "...\nMessage:"
-    positions = len(idx) * (train.collate(ex, idx)[0].shape[1] - 1 - shared)
+    assert frozen.shared == len(scoring.prompt_prefix_ids(tok))  # "...\nMessage:"
+    positions = len(idx) * (collate(ex, idx)[0].shape[1] - 1 - shared)
     if remat:  # every block, or one of the two (what is kept: half the positions)
         keep = 0 if remat == "all" else (positions + 1) // 2
-        monkeypatch.setattr(train, "CHECKPOINT_TOKENS", keep)
-    assert train.blocks_to_recompute(positions, 2) == {None: 0, "all": 2, "some": 1}[remat]
-    (cached, n2), g2 = vg(model, *train.collate(ex, idx, frozen), completion_only, 2, shared)
+        monkeypatch.setattr("smslora.frozen.CHECKPOINT_TOKENS", keep)
+    assert blocks_to_recompute(positions, 2) == {None: 0, "all": 2, "some": 1}[remat]
+    (cached, n2), g2 = vg(model, *collate(ex, idx, frozen), completion_only, 2, shared)
     assert n1.item() == n2.item() and abs(plain.item() - cached.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-4), k
     # the validation P(spam) that picks the threshold, from the same states
-    p_cached = train.cached_p_spam(model, tok, ex, frozen)
-    assert np.allclose(p_cached, common.p_spam(model, tok, [r["message"] for r in rows]), atol=1e-5)
-    train.release_blocks(model, 2)  # and nothing below the LoRA blocks is needed any more
-    assert np.allclose(train.cached_p_spam(model, tok, ex, frozen), p_cached)
+    p_cached = scoring.p_spam_of(cached_label_logits(model, tok, ex, frozen))
+    assert np.allclose(p_cached, scoring.p_spam(model, tok, [r["message"] for r in rows]), atol=1e-5)
+    release_blocks(model, 2)  # and nothing below the LoRA blocks is needed any more
+    assert np.allclose(scoring.p_spam_of(cached_label_logits(model, tok, ex, frozen)), p_cached)
     assert model.layers[0].mlp.up_proj.weight.size == 0
 
 
 def test_long_batches_recompute_only_as_many_blocks_as_memory_needs(monkeypatch):
-    monkeypatch.setattr(train, "CHECKPOINT_TOKENS", 256)
-    assert [train.blocks_to_recompute(p, 16) for p in (100, 256, 257, 284, 512, 1024)] == \
+    monkeypatch.setattr("smslora.frozen.CHECKPOINT_TOKENS", 256)
+    assert [blocks_to_recompute(p, 16) for p in (100, 256, 257, 284, 512, 1024)] == \
         [0, 0, 1, 2, 8, 12]
-    assert train.blocks_to_recompute(10**9, 16) == 16
-    monkeypatch.setattr(common, "on_cpu", lambda: False)  # a GPU keeps far longer batches
-    assert train.blocks_to_recompute(1024, 16) == 0 < train.blocks_to_recompute(10**9, 16)
+    assert blocks_to_recompute(10**9, 16) == 16
+    monkeypatch.setattr("smslora.frozen.on_cpu", lambda: False)  # a GPU keeps far longer batches
+    assert blocks_to_recompute(1024, 16) == 0 < blocks_to_recompute(10**9, 16)
 
 
 def test_compiled_update_is_the_optimizers_own_bit_for_bit(tiny_model):
@@ -137,11 +142,11 @@ def test_compiled_update_is_the_optimizers_own_bit_for_bit(tiny_model):
 
     results = []
     for compiled in (False, True):
-        model, _ = common.load_model(tiny_model)
-        train.add_lora(model, train.TrainConfig(num_layers=2, seed=1))
+        model, _ = load_model(tiny_model)
+        finetune.add_lora(model, TrainConfig(num_layers=2, seed=1))
         optimizer = optim.Adam(learning_rate=optim.cosine_decay(1e-2, 5, 1e-3))
         optimizer.init(model.trainable_parameters())
-        update = train.compiled_update(model, optimizer) if compiled else \
+        update = trainer.compiled_update(model, optimizer) if compiled else \
             (lambda grads: optimizer.update(model, grads))
         mx.random.seed(0)
         for _ in range(4):  # the schedule, the step count and both moments go through it
@@ -162,9 +167,9 @@ def test_the_whole_step_compiled_trains_as_the_plain_step(tmp_path, tiny_model, 
     CPU: the same adapter as the step run operation by operation."""
     runs = {}
     for compiled in (False, True):
-        monkeypatch.setattr(train, "compile_whole_step", lambda: compiled)
+        monkeypatch.setattr("smslora.trainer.compile_whole_step", lambda: compiled)
         ad = tmp_path / f"adapters{int(compiled)}"
-        train.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
+        train_cmd.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
                     "--adapter-path", str(ad), "--reports", str(tmp_path / f"r{int(compiled)}"),
                     "--iters", "12", "--num-layers", str(layers), "--steps-per-eval", "6"])
         runs[compiled] = (mx.load(str(ad / "final_adapters.safetensors")),
@@ -182,16 +187,16 @@ def test_a_gpu_runs_the_opening_in_every_row_and_trains_the_same_adapter(tmp_pat
     """On a GPU the LoRA blocks run each row's copy of the prompt's opening (fewer operations);
     on a CPU the opening once a batch (fewer positions): the same adapter either way."""
     frozen = type("States", (), {"shared": 15})()
-    assert train.opening_shared(frozen) == 15
-    monkeypatch.setattr(common, "on_cpu", lambda: False)
-    assert train.opening_shared(frozen) == 0
+    assert opening_shared(frozen) == 15
+    monkeypatch.setattr("smslora.frozen.on_cpu", lambda: False)
+    assert opening_shared(frozen) == 0
     monkeypatch.undo()
     runs, calls = [], []
     for rows in (False, True):
         if rows:
-            monkeypatch.setattr(train, "opening_shared", lambda frozen: calls.append(1) or 0)
+            monkeypatch.setattr("smslora.finetune.opening_shared", lambda frozen: calls.append(1) or 0)
         ad = tmp_path / f"adapters{int(rows)}"
-        train.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
+        train_cmd.main(["--config", "default", "--model", str(tiny_model), "--data", str(data_dir),
                     "--adapter-path", str(ad), "--reports", str(tmp_path / f"r{int(rows)}"),
                     "--iters", "12", "--num-layers", "1", "--steps-per-eval", "6"])
         runs.append((mx.load(str(ad / "final_adapters.safetensors")),
@@ -207,60 +212,60 @@ def test_a_gpu_runs_the_opening_in_every_row_and_trains_the_same_adapter(tmp_pat
 
 def test_the_compiled_step_is_off_unless_the_environment_asks(monkeypatch):
     monkeypatch.delenv("SMS_LORA_COMPILE_STEP", raising=False)
-    assert train.compile_whole_step() is False
+    assert trainer.compile_whole_step() is False
     for value, want in (("1", True), ("0", False)):
         monkeypatch.setenv("SMS_LORA_COMPILE_STEP", value)
-        assert train.compile_whole_step() is want
+        assert trainer.compile_whole_step() is want
     monkeypatch.setenv("SMS_LORA_COMPILE_STEP", "yes")
-    with pytest.raises(common.UserError, match="SMS_LORA_COMPILE_STEP='yes'"):
-        train.compile_whole_step()
+    with pytest.raises(errors.UserError, match="SMS_LORA_COMPILE_STEP='yes'"):
+        trainer.compile_whole_step()
 
 
 def test_a_compiled_steps_dropout_noise_comes_from_the_step_seed(tiny_model, monkeypatch):
     import mlx.optimizers as optim
 
-    monkeypatch.setattr(train, "compile_whole_step", lambda: True)
-    model, tok = common.load_model(tiny_model)
-    train.add_lora(model, train.TrainConfig(num_layers=2, lora_dropout=0.5))
+    monkeypatch.setattr("smslora.trainer.compile_whole_step", lambda: True)
+    model, tok = load_model(tiny_model)
+    finetune.add_lora(model, TrainConfig(num_layers=2, lora_dropout=0.5))
     model.train()  # dropout on, as in 03_train's steps
     for name, p in tree_flatten(model.trainable_parameters()):  # non-zero B: the noise shows
         if name.endswith("lora_b"):
             model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.1)]))
     optimizer = optim.Adam(learning_rate=0.0)  # the weights stay: only the noise differs
     optimizer.init(model.trainable_parameters())
-    vg = nn.value_and_grad(model, lambda m, *b: train.loss_fn(m, *b, False))
-    step = train.training_step(model, optimizer, vg)
-    ex = train.tokenize(tok, [{"message": "WIN a prize now!!", "label": "spam"}], 64)
+    vg = nn.value_and_grad(model, lambda m, *b: trainer.loss_fn(m, *b, False))
+    step = trainer.training_step(model, optimizer, vg)
+    ex = tokenize(tok, [{"message": "WIN a prize now!!", "label": "spam"}], 64)
     losses = []
     for seed in (1, 2, 1):  # 03_train seeds every step
         mx.random.seed(seed)
-        losses.append(step(*train.collate(ex, [0]))[0].item())
+        losses.append(step(*collate(ex, [0]))[0].item())
     assert losses[0] == losses[2] != losses[1]
 
 
 def test_padding_a_batch_changes_no_loss(tiny_model):
-    model, tok = common.load_model(tiny_model)
+    model, tok = load_model(tiny_model)
     rows = [{"message": m, "label": l} for m, l in [("WIN a prize now!!", "spam"), ("ok", "ham")]]
-    ex = train.tokenize(tok, rows, 64)
-    batch = train.collate(ex, [0, 1])
-    wide = train.padded(batch, 32)
+    ex = tokenize(tok, rows, 64)
+    batch = collate(ex, [0, 1])
+    wide = padded(batch, 32)
     assert wide[0].shape[1] % 32 == 0 and wide[0].shape[1] > batch[0].shape[1]
     for completion_only in (True, False):
-        a, n = train.loss_fn(model, *batch, completion_only)
-        b, m = train.loss_fn(model, *wide, completion_only)
+        a, n = trainer.loss_fn(model, *batch, completion_only)
+        b, m = trainer.loss_fn(model, *wide, completion_only)
         assert n.item() == m.item() and abs(a.item() - b.item()) < 1e-6
 
 
 def test_choose_threshold_prefers_few_false_alarms():
     p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
     is_spam = np.array([False, False, False, True, True, True])
-    t = train.choose_threshold(p, is_spam, ham_weight=7.0)
+    t = choose_threshold(p, is_spam, ham_weight=7.0)
     assert 0.6 < t["threshold"] < 0.7
     assert t["valid_false_positives"] == 0 and t["valid_false_negatives"] == 0
     # a spam scored below a ham: with ham weighted 7x the cut goes above the ham
     p = np.array([0.1, 0.5, 0.4, 0.9])
     is_spam = np.array([False, False, True, True])
-    t = train.choose_threshold(p, is_spam, ham_weight=7.0)
+    t = choose_threshold(p, is_spam, ham_weight=7.0)
     assert 0.5 < t["threshold"] < 0.9 and t["valid_false_negatives"] == 1
 
 
@@ -294,13 +299,13 @@ def test_train_writes_the_adapter_folder(tmp_path, tiny_model, data_dir):
     assert t["chosen_on"] == "valid.jsonl + calibration.jsonl + valid_modern.jsonl"
     assert abs(t["ham_weight"] - (903 / 128) / (660 / 180)) < 1e-9
     rows = [r for f in ("valid", "calibration", "valid_modern")
-            for r in common.read_jsonl(data_dir / f"{f}.jsonl")]
-    p = common.p_spam(*common.load_model(tiny_model, ad), [r["message"] for r in rows])
+            for r in artifacts.read_jsonl(data_dir / f"{f}.jsonl")]
+    p = scoring.p_spam(*load_model(tiny_model, ad), [r["message"] for r in rows])
     is_spam = np.array([r["label"] == "spam" for r in rows])
-    want = common.classifier_metrics(is_spam, p, t["threshold"])
+    want = metrics.classifier_metrics(is_spam, p, t["threshold"])
     assert t["held_out"]["messages"] == 840 and t["held_out"]["confusion"] == want["confusion"]
     assert abs(t["held_out"]["roc_auc"] - want["roc_auc"]) < 1e-3
-    modern = common.classifier_metrics(is_spam[-200:], p[-200:], t["threshold"])
+    modern = metrics.classifier_metrics(is_spam[-200:], p[-200:], t["threshold"])
     assert t["held_out"]["modern"]["confusion"] == modern["confusion"]
     assert t["held_out"]["collection"]["messages"] == 640
 
@@ -333,9 +338,9 @@ def test_same_seed_same_adapter(tmp_path, tiny_model, data_dir):
 
 def test_balanced_batches_are_half_each_class_and_deterministic():
     by_class = [[0, 1, 2], list(range(3, 20))]
-    batches = [train.balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
+    batches = [balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
     assert all(sum(i < 3 for i in b) == 2 for b in batches)
-    assert batches == [train.balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
+    assert batches == [balanced_batch_at(s, by_class, 4, 42) for s in range(12)]
     seen_spam = [i for b in batches[:3] for i in b if i < 3]
     assert sorted(seen_spam[:3]) == [0, 1, 2]  # a class is cycled in full before repeating
 
@@ -346,17 +351,17 @@ def test_balanced_batches_are_half_each_class_and_deterministic():
 ])
 def test_loss_explosion_stops_with_a_diagnosis_and_a_loadable_last_good_adapter(
         tmp_path, tiny_model, data_dir, monkeypatch, capsys, blowup, needle):
-    real_loss, calls = train.loss_fn, []
+    real_loss, calls = trainer.loss_fn, []
 
     def exploding_loss(*args, **kwargs):  # fine for 20 steps, then NaN or huge, as a too-high
         loss, n = real_loss(*args, **kwargs)  # learning rate does
         calls.append(1)
         return (loss * blowup if len(calls) > 20 else loss), n
 
-    monkeypatch.setattr(train, "loss_fn", exploding_loss)
+    monkeypatch.setattr("smslora.finetune.loss_fn", exploding_loss)
     ad = tmp_path / "adapters"
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
+        train_cmd.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
                     "--adapter-path", str(ad), "--reports", str(tmp_path / "rep"),
                     "--iters", "40", "--num-layers", "2"])
     err = capsys.readouterr().err
@@ -372,8 +377,8 @@ def test_loss_explosion_stops_with_a_diagnosis_and_a_loadable_last_good_adapter(
 def test_overfitting_is_reported_and_early_stopping_stops(tmp_path, tiny_model, data_dir,
                                                           monkeypatch, capsys):
     rising = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
-    monkeypatch.setattr(train, "evaluate_loss", lambda *a: next(rising))
-    train.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
+    monkeypatch.setattr("smslora.finetune.evaluate_loss", lambda *a: next(rising))
+    train_cmd.main(["--config", "seed", "--model", str(tiny_model), "--data", str(data_dir),
                 "--adapter-path", str(tmp_path / "ad"), "--reports", str(tmp_path / "rep"),
                 "--iters", "30", "--num-layers", "2", "--steps-per-eval", "5",
                 "--early-stopping", "3", "--ship", "best"])

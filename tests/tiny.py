@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import common  # noqa: F401  (first: fast BLAS)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
 from mlx_lm.utils import save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from smslora import task
 
 # The real SmolLM2-135M shape, for exact parameter counts without its weights.
 SMOLLM2_135M = dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
@@ -23,8 +23,8 @@ TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediat
             rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=1024)
 
 CORPUS = [
-    common.format_example("WINNER!! Claim your free prize now, call 09061701461", "spam"),
-    common.format_example("Ok lar, I'll be there by 6. Want anything from the shop?", "ham"),
+    task.format_example("WINNER!! Claim your free prize now, call 09061701461", "spam"),
+    task.format_example("Ok lar, I'll be there by 6. Want anything from the shop?", "ham"),
     "Your parcel is held, pay the fee at bit.ly/xyz. Hi mum, new phone. "
     "Code 123456. Are you coming to poker tonight? 0123456789 £$€ !?.,:;'\"()-_/@#&<>",
 ]
