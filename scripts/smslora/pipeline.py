@@ -37,7 +37,8 @@ def relative(path: Path) -> Path:
 def default_steps(config: str = "default", resume: bool = False,
                   base: str | None = None) -> list[Step]:
     """runme.sh's pipeline, in order."""
-    from . import baselines, download, evaluate, finetune, fuse, splits, stress
+    from . import baselines, evaluate, finetune, fuse, splits, stress
+    from .convert.step import make_baseline
     from .checkpoint import resume_config
     from .config import load_config
 
@@ -51,7 +52,7 @@ def default_steps(config: str = "default", resume: bool = False,
 
     return [
         Step("download", "01_download_model.py" + (f" --base {base}" if base else ""),
-             lambda: download.run(base_dir, base=base)),
+             lambda: make_baseline(base_dir, base=base)),
         Step("prepare", "02_prepare_data.py", lambda: splits.run("shipped", data)),
         Step("eval-base", f"04_evaluate.py --model {base_dir} --name baseline",
              lambda: evaluate.run(base_dir, None, data, "baseline", reports)),
