@@ -177,7 +177,7 @@ def checkpointed(layer, h: mx.array, kv=()) -> mx.array:
 
 def opening_shared(frozen: FrozenStates) -> int:
     """upper_blocks' `shared` for steps from these states: on a CPU the opening's positions,
-    which the LoRA blocks then run once a batch (a third fewer positions, README "Performance");
+    which the LoRA blocks then run once a batch (a third fewer positions, docs/performance.md);
     on a GPU 0, every row carrying its own copy: there a step costs its operations (~5 µs each
     on an H200), and the opening's own pass adds 60% to them (a step: 36 -> 70 ms). The same
     loss either way (tests/test_train.py)."""

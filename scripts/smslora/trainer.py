@@ -94,7 +94,7 @@ def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> flo
 def compile_whole_step() -> bool:
     """Whether a step is one compiled function (gradients and update, as mlx-lm does, one graph
     per padded batch width) instead of operations with only the update compiled. Off by
-    default: on an H200 (session 9, README "Performance") it was slower, 102-112 ms a step
+    default: on an H200 (docs/performance.md) it was slower, 102-112 ms a step
     against 76-83, and a fresh machine spent minutes compiling its kernels; on a CPU padding
     adds arithmetic. SMS_LORA_COMPILE_STEP=1 turns it on (the same adapter, tests)."""
     choice = os.environ.get("SMS_LORA_COMPILE_STEP", "")
@@ -134,7 +134,7 @@ def compiled_update(model, optimizer):
     """optimizer.update(model, grads) as one compiled function: each parameter's Adam update is
     one fused operation instead of about ten, ~2,000 fewer operations a step (224 LoRA matrices
     in the default config). A GPU step of 8 messages costs what its operations cost (H200: 126
-    -> 80 ms with this, README "Performance"); on this CPU the update takes 5 ms instead of 16.
+    -> 80 ms with this, docs/performance.md); on this CPU the update takes 5 ms instead of 16.
     The same numbers bit for bit on a CPU (tests/test_train.py)."""
     state = [model.state, optimizer.state]
     return partial(mx.compile, inputs=state, outputs=state)(
