@@ -23,17 +23,17 @@ import itertools
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
-import pipeline  # noqa: E402
-from common import UserError  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-train_script = pipeline.load_script("03_train.py")
-evaluate_script = pipeline.load_script("04_evaluate.py")
-stress_script = pipeline.load_script("05_stress_test.py")
+import _project  # noqa: F401  (scripts/ on sys.path)
+from smslora import cli
+from smslora.artifacts import atomic_write_json, read_split
+from smslora.errors import UserError, require_model
+from smslora.metrics import classifier_metrics
+from smslora.paths import ADAPTERS_DIR, BASELINE_DIR, DATA_DIR, HELD_OUT_SPLITS, REPORTS_DIR
+from smslora.paths import STRESS_SUITE
+from smslora.task import is_spam
+from smslora.threshold import choose_threshold, natural_ratio
 
 BLEND_WEIGHTS = np.round(np.arange(0, 1.0001, 0.05), 2)
 VOTE_WEIGHTS = (5, 10, 20, 40, 80)
@@ -42,19 +42,22 @@ VOTE_FLOORS = (0.0, 0.3, 0.5, 0.7)
 
 def message_sets(data: Path) -> dict[str, list[dict]]:
     """held (what 03_train chooses the threshold on), test, stress: rows with message, label."""
-    held = common.read_split(data / "valid.jsonl") + [
-        r for f in train_script.HELD_OUT if (data / f).is_file()
-        for r in common.read_split(data / f)]
-    stress = [{"message": r["text"], "label": r["label"]}
-              for r in stress_script.load_suite(common.STRESS_SUITE)]
-    return {"held": held, "test": common.read_split(data / "test.jsonl"), "stress": stress}
+    from smslora.stress import load_suite
+
+    held = read_split(data / "valid.jsonl") + [
+        r for f in HELD_OUT_SPLITS if (data / f).is_file() for r in read_split(data / f)]
+    stress = [{"message": r["text"], "label": r["label"]} for r in load_suite(STRESS_SUITE)]
+    return {"held": held, "test": read_split(data / "test.jsonl"), "stress": stress}
 
 
 def log_odds(model_dir: Path, adapter_path: Path, sets: dict) -> dict[str, np.ndarray]:
-    model, tokenizer = common.load_model(model_dir, adapter_path)
+    from smslora.model import load_model
+    from smslora.scoring import score_logits
+
+    model, tokenizer = load_model(model_dir, adapter_path)
     out = {}
     for name, rows in sets.items():
-        logits = common.score_logits(model, tokenizer, [r["message"] for r in rows])
+        logits = score_logits(model, tokenizer, [r["message"] for r in rows])
         out[name] = logits[:, 0] - logits[:, 1]
     return out
 
@@ -81,7 +84,9 @@ def candidates(runs: dict, sets: dict, train: list[dict], tfidf: bool, sim: dict
             yield " + ".join(combo), n, {k: np.mean([runs[c][k] for c in combo], 0) for k in sets}
     first = next(iter(runs))
     if tfidf:
-        model = evaluate_script.tfidf_model("tfidf-logreg").fit(
+        from smslora.baselines import tfidf_model
+
+        model = tfidf_model("tfidf-logreg").fit(
             [r["message"] for r in train], [r["label"] == "spam" for r in train])
         lexical = {k: model.decision_function([r["message"] for r in rows])
                    for k, rows in sets.items()}
@@ -117,25 +122,25 @@ def print_table(rows: list[dict], best: dict, with_test: bool) -> None:
         print(line)
 
 
-@common.cli
+@cli.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[common.ADAPTERS_DIR],
+    p.add_argument("--runs", type=Path, nargs="+", default=[ADAPTERS_DIR],
                    help="adapter folders of 03_train runs on --model (the first leads the blends)")
-    p.add_argument("--model", type=Path, default=common.BASELINE_DIR)
-    p.add_argument("--data", type=Path, default=common.DATA_DIR)
+    p.add_argument("--model", type=Path, default=BASELINE_DIR)
+    p.add_argument("--data", type=Path, default=DATA_DIR)
     p.add_argument("--tfidf", action="store_true", help="blends with TF-IDF + logistic regression")
     p.add_argument("--neighbours", action="store_true", help="nearest-neighbour votes")
     p.add_argument("--test", action="store_true", help="test and stress figures too")
-    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_combine.json")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_combine.json")
     args = p.parse_args(argv)
     for run in args.runs:
-        common.require_model(args.model, run)
+        require_model(args.model, run)
     if len(set(args.runs)) != len(args.runs) or len(args.runs) > 6:
         raise UserError("--runs: up to 6 different adapter folders")
     sets = message_sets(args.data)
     labels = {k: np.array([r["label"] == "spam" for r in rows]) for k, rows in sets.items()}
-    ham_weight = train_script.natural_ratio(args.data) / (
+    ham_weight = natural_ratio(args.data) / (
         np.sum(~labels["held"]) / max(np.sum(labels["held"]), 1))
     names = [run.name if run.name != "adapters" else run.parent.name for run in args.runs]
     if len(set(names)) != len(names):
@@ -145,28 +150,28 @@ def main(argv=None):
         print(f"scoring {sum(map(len, sets.values()))} messages with {run}", file=sys.stderr)
         runs[name] = log_odds(args.model, run, sets)
 
-    train = common.read_split(args.data / "train_all.jsonl")
+    train = read_split(args.data / "train_all.jsonl")
     sim = neighbour_similarity(train, sets) if args.neighbours else None
     rows = []
     for name, parts, z in candidates(runs, sets, train, args.tfidf, sim):
         p_spam = {k: sigmoid(v) for k, v in z.items()}
-        chosen = train_script.choose_threshold(p_spam["held"], labels["held"], ham_weight)
+        chosen = choose_threshold(p_spam["held"], labels["held"], ham_weight)
         row = {"candidate": name, "parts": parts, **chosen,
-               "held_roc_auc": common.classifier_metrics(labels["held"], p_spam["held"],
-                                                         chosen["threshold"])["roc_auc"]}
+               "held_roc_auc": classifier_metrics(labels["held"], p_spam["held"],
+                                                  chosen["threshold"])["roc_auc"]}
         if args.test:
             for k in ("test", "stress"):
-                row[k] = common.classifier_metrics(labels[k], p_spam[k], chosen["threshold"])
+                row[k] = classifier_metrics(labels[k], p_spam[k], chosen["threshold"])
         rows.append(row)
     best = min(rows, key=lambda r: (r["cost"], r["parts"]))
 
     print_table(rows, best, args.test)
-    common.atomic_write_json(args.out, {"runs": [str(r) for r in args.runs],
-                                        "ham_weight": ham_weight, "chosen": best["candidate"],
-                                        "candidates": rows})
+    atomic_write_json(args.out, {"runs": [str(r) for r in args.runs],
+                                 "ham_weight": ham_weight, "chosen": best["candidate"],
+                                 "candidates": rows})
     if args.neighbours:  # what the first run gets wrong on held-out, and how near training it is
         first, (near_spam, near_ham) = rows[0], sim["held"]
-        wrong = (sigmoid(runs[names[0]]["held"]) > first["threshold"]) != labels["held"]
+        wrong = is_spam(sigmoid(runs[names[0]]["held"]), first["threshold"]) != labels["held"]
         print(f"\n{first['candidate']}'s held-out errors: truth, P(spam), cosine similarity to "
               "the nearest training spam / ham, the message")
         for i in np.flatnonzero(wrong):
@@ -176,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,25 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+import _project  # noqa: F401  (scripts/ on sys.path)
+from smslora import cli
+from smslora.artifacts import atomic_write_json
+from smslora.errors import UserError, require
+from smslora.paths import REPORTS_DIR, ROOT
 
 
-@common.cli
+@cli.cli
 def main(argv=None):
     from train import machine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="default")
     p.add_argument("--no-run", action="store_true", help="only read the last run's timings")
-    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_e2e.json")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_e2e.json")
     args = p.parse_args(argv)
     wall = None
     if not args.no_run:
@@ -40,12 +39,11 @@ def main(argv=None):
         wall = time.perf_counter() - tic
         if r.returncode != 0:
             raise UserError(f"./runme.sh failed with exit code {r.returncode}")
-    timings = common.require(common.REPORTS_DIR / ".timings.tsv", "the step timings",
-                             "./runme.sh")
+    timings = require(REPORTS_DIR / ".timings.tsv", "the step timings", "./runme.sh")
     steps = [line.split("\t") for line in timings.read_text().splitlines() if line.strip()]
     total = sum(float(s) for _, s in steps)
-    report = json.loads(common.require(common.REPORTS_DIR / "report.json", "report.json",
-                                       "./runme.sh").read_text())
+    report = json.loads(require(REPORTS_DIR / "report.json", "report.json",
+                                "./runme.sh").read_text())
     test = (report.get("retrained") or {}).get("test", {})
     print(f"{machine()['cpu']}, {machine()['cores']} cores, config {args.config}")
     print("| step | seconds |\n|---|---|")
@@ -57,11 +55,11 @@ def main(argv=None):
     if test:
         print(f"test: accuracy {test['accuracy']:.2%}, F1 {test['f1']:.3f}, ROC-AUC "
               f"{test['roc_auc']:.4f}, ham FPR {test['ham_false_positive_rate']:.2%}")
-    common.atomic_write_json(args.out, {
+    atomic_write_json(args.out, {
         "machine": machine(), "config": args.config, "steps": {n: float(s) for n, s in steps},
         "total_s": total, "runme_wall_s": wall, "test": test})
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -46,8 +46,9 @@ if [ -n "${PTX_CACHE:-}" ]; then xz -dc "$PTX_CACHE" | tar x -C /tmp || exit 1; 
   # What a run's start costs: the imports (the first time Python also compiles them to byte
   # code), then again. transformers imports PyTorch where it is installed (runme.sh's venv has none).
   for run in first again; do
-    TIMEFORMAT="import common + mlx_lm + first op ($run): %R s wall"
-    time python3 -c 'import sys; sys.path.insert(0, "scripts"); import common
+    TIMEFORMAT="import smslora + mlx_lm + first op ($run): %R s wall"
+    time python3 -c 'import sys; sys.path.insert(0, "scripts"); from smslora import fastblas
+fastblas.ensure(); from smslora import artifacts, cli, loss, metrics, model, scoring, threshold
 import mlx_lm.utils, mlx.core as mx; mx.eval(mx.ones(1) + 1); print("torch:", "torch" in sys.modules)'
   done
   python3 - <<'EOF'

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Scoring speed: common.p_spam at batch 1, 8 and 64 vs a naive generate() classifier, and the
+"""Scoring speed: scoring.p_spam at batch 1, 8 and 64 vs a naive generate() classifier, and the
 fraction of the machine's roofline that reaches.
 
-  ours     common.p_spam over the test split in file order, --batch messages per call (what a
+  ours     scoring.p_spam over the test split in file order, --batch messages per call (what a
            client sending that many at a time sees): messages/s, p50/p95 latency of a call
   naive    in a separate process, mlx_lm.load + mlx_lm.generate(prompt, max_tokens=3) per
            message, the verdict parsed from the text (what one would write with mlx-lm alone)
@@ -24,13 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
-from common import UserError  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
+import _project  # noqa: F401  (scripts/ on sys.path)
+from smslora import cli
+from smslora.artifacts import atomic_write_json, read_split
+from smslora.errors import UserError, require_model
+from smslora.paths import DATA_DIR, FUSED_DIR, REPORTS_DIR
 
 NAIVE = r'''
 import json, sys, time
@@ -71,28 +71,32 @@ def matmul_flops(seconds: float = 3.0) -> float:
 
 def flops_per_message(model, tokenizer, messages: list[str]) -> np.ndarray:
     """FLOPs of scoring each message behind the shared prompt opening (cached once)."""
+    from smslora.scoring import encode_prompt, prompt_prefix_ids
+
     args = model.args
     d, layers = args.hidden_size, args.num_hidden_layers
     heads, kv = args.num_attention_heads, args.num_key_value_heads
     head_dim = d // heads
     per_token = layers * 2 * (d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d
                               + 3 * d * args.intermediate_size)
-    prefix = len(common.prompt_prefix_ids(tokenizer))
+    prefix = len(prompt_prefix_ids(tokenizer))
     out = []
     for m in messages:
-        t = len(common.encode_prompt(tokenizer, m)) - prefix
+        t = len(encode_prompt(tokenizer, m)) - prefix
         attention = layers * 4 * heads * head_dim * t * (prefix + (t + 1) / 2)
         out.append(per_token * t + attention + 2 * 2 * d)
     return np.array(out)
 
 
 def bench_ours(model, tokenizer, messages: list[str], batch: int) -> dict:
-    common.p_spam(model, tokenizer, messages[:batch], batch_size=batch)  # warm-up
+    from smslora.scoring import p_spam
+
+    p_spam(model, tokenizer, messages[:batch], batch_size=batch)  # warm-up
     latencies = []
     tic = time.perf_counter()
     for start in range(0, len(messages), batch):
         t0 = time.perf_counter()
-        common.p_spam(model, tokenizer, messages[start: start + batch], batch_size=batch)
+        p_spam(model, tokenizer, messages[start: start + batch], batch_size=batch)
         latencies.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - tic
     return {"batch": batch, "messages": len(messages), "messages_per_s": len(messages) / seconds,
@@ -114,28 +118,29 @@ def bench_naive(model_dir: Path, adapters: Path | None, test: Path, limit: int) 
             "unparsed": data["verdicts"].count("?")}
 
 
-@common.cli
+@cli.cli
 def main(argv=None):
+    from smslora.model import load_model
     from train import machine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_model_args(p, common.FUSED_DIR)
-    p.add_argument("--data", type=Path, default=common.DATA_DIR)
+    cli.add_model_args(p, FUSED_DIR)
+    p.add_argument("--data", type=Path, default=DATA_DIR)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--limit", type=int, default=0, help="first N test messages (0: all)")
     p.add_argument("--naive-limit", type=int, default=100,
                    help="messages for the naive generate() classifier")
-    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_score.json")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_score.json")
     args = p.parse_args(argv)
     if min(args.batches) < 1 or args.naive_limit < 1 or args.limit < 0:
         raise UserError("--batches, --naive-limit must be positive and --limit >= 0")
-    common.require_model(args.model, args.adapter_path)
+    require_model(args.model, args.adapter_path)
     test = args.data / "test.jsonl"
-    messages = [r["message"] for r in common.read_split(test)]
+    messages = [r["message"] for r in read_split(test)]
     messages = messages[: args.limit] if args.limit else messages
 
-    model, tokenizer = common.load_model(args.model, args.adapter_path,
-                                         trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.adapter_path,
+                                  trust_remote_code=args.trust_remote_code)
     peak = matmul_flops()
     need = flops_per_message(model, tokenizer, messages)
     roofline = peak / need.mean()
@@ -168,9 +173,9 @@ def main(argv=None):
         r["speedup_vs_naive"] = r["messages_per_s"] / n["messages_per_s"]
     print(f"batch {results['ours'][-1]['batch']} is {results['ours'][-1]['speedup_vs_naive']:.1f}x "
           "the naive classifier")
-    common.atomic_write_json(args.out, results)
+    atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

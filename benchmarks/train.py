@@ -24,17 +24,17 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import common  # noqa: E402  (first: sets up the fast BLAS before anything imports mlx)
-from common import UserError  # noqa: E402
+import _project  # noqa: F401  (scripts/ on sys.path)
+from smslora import cli, fastblas
+from smslora.artifacts import atomic_write_json, read_split
+from smslora.errors import UserError, require_model
+from smslora.paths import BASELINE_DIR, DATA_DIR, REPORTS_DIR, ROOT
 
 ITER_LINE = re.compile(r"Iter (\d+): Train loss ([\d.]+).*?It/sec ([\d.]+), Tokens/sec ([\d.]+)")
 
@@ -168,7 +168,9 @@ def bench_torch(model: Path, data: Path, iters: int, tmp: Path, layers: int) -> 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    loaded, _ = common.load_model(model, dequantize=True)  # float32: the same numbers
+    from smslora.model import load_model
+
+    loaded, _ = load_model(model, dequantize=True)  # float32: the same numbers
     weights = tmp / "torch-weights.safetensors"
     mx.save_safetensors(str(weights), {k: v for k, v in tree_flatten(loaded.parameters())})
     del loaded
@@ -185,7 +187,7 @@ def plain_env() -> dict:
     settings fastblas gives this project's processes."""
     ours = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     env = {k: v for k, v in os.environ.items() if k not in ours}
-    env["SMS_LORA_FAST_BLAS"] = "0"
+    env[fastblas.FAST_BLAS_ENV] = "0"
     return env
 
 
@@ -196,27 +198,27 @@ def machine() -> dict:
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {"cpu": cpu, "cores": os.cpu_count(), "device": str(mx.default_device()),
-            "mlx": mx.__version__, "blas": common.fastblas.blas_in_use(),
+            "mlx": mx.__version__, "blas": fastblas.blas_in_use(),
             "python": platform.python_version()}
 
 
-@common.cli
+@cli.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=common.BASELINE_DIR)
-    p.add_argument("--data", type=Path, default=common.DATA_DIR)
+    p.add_argument("--model", type=Path, default=BASELINE_DIR)
+    p.add_argument("--data", type=Path, default=DATA_DIR)
     p.add_argument("--iters", type=int, default=40, help="iterations of ours and torch")
     p.add_argument("--mlx-lm-iters", type=int, default=8,
                    help="iterations of mlx_lm lora (slow here: its 4-bit CPU kernels)")
     p.add_argument("--num-layers", type=int, default=16, help="LoRA on the last N blocks")
     p.add_argument("--skip", nargs="*", default=[], choices=["ours", "mlx-lm", "torch"])
-    p.add_argument("--out", type=Path, default=common.REPORTS_DIR / "bench_train.json")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_train.json")
     args = p.parse_args(argv)
     if args.iters < 4 or args.mlx_lm_iters < 4:
         raise UserError("--iters and --mlx-lm-iters must be at least 4")
-    common.require_model(args.model)
-    common.read_split(args.data / "train.jsonl")
-    common.read_split(args.data / "valid.jsonl")
+    require_model(args.model)
+    read_split(args.data / "train.jsonl")
+    read_split(args.data / "valid.jsonl")
     results = {"machine": machine(), "iters": args.iters, "mlx_lm_iters": args.mlx_lm_iters}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("ours", bench_ours), ("mlx-lm", bench_mlx_lm), ("torch", bench_torch)):
@@ -243,9 +245,9 @@ def main(argv=None):
                 ratio = results[n]["s_per_iteration"] / results["ours"]["s_per_iteration"]
                 results[f"speedup_vs_{n}"] = ratio
                 print(f"ours is {ratio:.2f}x faster per iteration than {n}")
-    common.atomic_write_json(args.out, results)
+    atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
