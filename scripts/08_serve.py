@@ -4,16 +4,19 @@
 POST /v1/classify {"messages": ["...", ...]} answers a verdict (spam/ham) and P(spam) for each
 message, in order. Requests that arrive within --max-wait-ms of each other are scored together in
 one forward pass (micro-batching, at most --max-batch messages). GET / is a page to try it,
-GET /docs the OpenAPI docs, GET /healthz says whether the model is loaded.
+GET /docs the OpenAPI docs, GET /healthz says whether the model is loaded, GET /v1/model what
+is served (with the test figures stored in the served folder).
+
+The options bound what one client can cost (connections, time to send a request, tokens);
+requests from other sites' pages are refused. docs/serving.md has the rules.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from smslora import cli
-from smslora.paths import FUSED_DIR, REPORTS_DIR
+from smslora.paths import FUSED_DIR
 from smslora.server import settings
 
 
@@ -24,9 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
     settings.add_arguments(p)
-    p.add_argument("--reports", type=Path, default=REPORTS_DIR,
-                   help="where eval_retrained.json (test metrics for /v1/model) is "
-                        "(default reports/)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,

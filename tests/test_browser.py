@@ -1,6 +1,7 @@
 """Step 8's web page in a real headless browser (Debian's chromium driven by Playwright), against
 the server on a tiny random model: type a message and classify it, click a "final boss" example,
-and use the page when the server wants an API key."""
+and use the page when the server wants an API key; the page's Content-Security-Policy blocks
+nothing it needs."""
 
 import os
 import re
@@ -73,9 +74,11 @@ def test_type_a_message_and_click_an_example(browser, loaded, tiny_model, tmp_pa
     boss = [r for r in read_jsonl(STRESS_SUITE) if r["category"] == "final-boss"]
     with start(loaded, tiny_model) as srv:
         page = browser.new_page()
-        errors = []
+        errors, console = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(srv.url + "/")
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        response = page.goto(srv.url + "/")
+        assert "default-src 'none'" in response.headers["content-security-policy"]
         assert page.title() == "SMS spam classifier"
         assert page.is_hidden("#key-row") and page.is_hidden("#result")
         assert page.inner_text("#threshold") == f"{threshold:.3f}"
@@ -109,7 +112,7 @@ def test_type_a_message_and_click_an_example(browser, loaded, tiny_model, tmp_pa
         assert page.inner_text("#error") == "Type a message first."
         assert page.is_hidden("#result")  # no stale verdict beside it
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        assert errors == []
+        assert errors == [] and console == []  # nothing the page's own policy blocked
 
 
 def test_the_page_with_an_api_key(browser, loaded, tiny_model):

@@ -16,14 +16,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..paths import STATIC_DIR
 from ..task import verdict
-from .batcher import Busy, Scorer, ScoringError
+from .batcher import Busy, Scorer, ScoringError, ShuttingDown
 from .info import read_examples
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, wait_for_disconnect
-from .schema import ERRORS, ClassifyRequest, ClassifyResponse, check_messages, is_json, \
-    validation_message
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, HostOriginMiddleware, \
+    SecurityHeadersMiddleware, wait_for_disconnect
+from .schema import ERRORS, ClassifyRequest, ClassifyResponse, check_messages, check_tokens, \
+    is_json, validation_message
 from .settings import Settings
 
 log = logging.getLogger("sms_serve")
@@ -42,8 +44,10 @@ async def classify(body: ClassifyRequest, request: Request):
         raise HTTPException(503, scorer.load_error and f"no model: {scorer.load_error}"
                             or "the model is still loading; retry shortly",
                             headers={"Retry-After": "1"})
+    costs = await scorer.count_tokens(body.messages)
+    check_tokens(costs, state.settings)
     scorer.stats.requests += 1
-    work = asyncio.ensure_future(scorer.classify(body.messages))
+    work = asyncio.ensure_future(scorer.classify(body.messages, costs))
     gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -61,7 +65,7 @@ async def classify(body: ClassifyRequest, request: Request):
         raise HTTPException(503, f"server busy: {e}; retry later", headers={"Retry-After": "1"})
     except ScoringError as e:
         raise HTTPException(500, f"internal error while scoring: {e}")
-    except asyncio.CancelledError:  # the server stopped under this request
+    except (ShuttingDown, asyncio.CancelledError):  # the server stopped under this request
         raise HTTPException(503, "the server is shutting down")
     threshold = state.threshold
     return {"model": state.info.get("model", "model"), "threshold": threshold,
@@ -89,9 +93,10 @@ async def model_endpoint(request: Request):
 
 @router.get("/v1/stats", summary="Micro-batching counters")
 async def stats(request: Request):
-    """Requests, model calls (batches), messages scored, the largest batch, and more."""
+    """Requests, model calls (batches), messages scored, the largest batch, what is waiting."""
     scorer: Scorer = request.app.state.scorer
-    return {**scorer.stats.public(), "queued": scorer.queued}
+    return {**scorer.stats.public(), "queued": scorer.queued,
+            "queued_tokens": scorer.queued_tokens}
 
 
 @router.get("/v1/examples", summary="The five 'final boss' messages of the stress suite")
@@ -110,10 +115,12 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         ctype = request.headers.get("content-type")
-        if ctype and not is_json(ctype):  # e.g. curl -d without -H: say so, not "not an object"
+        if not ctype or not is_json(ctype):  # e.g. curl -d without -H: say so
+            # (a page of another site can send a body without a preflight only as text/plain,
+            # a form or no type at all: none of them is read)
+            got = f"got '{ctype[:100]}'" if ctype else "none was sent"
             return JSONResponse({"error": f"send the body as JSON with 'Content-Type: "
-                                          f"application/json' (got '{ctype[:100]}')"},
-                                status_code=415)
+                                          f"application/json' ({got})"}, status_code=415)
         status, msg = validation_message(exc.errors())
         return JSONResponse({"error": msg}, status_code=status)
 
@@ -170,8 +177,7 @@ def create_app(model, tokenizer, threshold: float, info: dict, settings: Setting
     app = FastAPI(title="SMS spam classifier",
                   description="A LoRA-fine-tuned SmolLM2-135M that tells SMS spam from ham. "
                               "Requests that arrive together are scored in one batch.",
-                  version="1.0", lifespan=lifespan,
-                  strict_content_type=False)  # no Content-Type: the body is read as JSON
+                  version="1.0", lifespan=lifespan)
     examples = read_examples(settings.stress_suite)
     app.state.scorer, app.state.settings, app.state.info = scorer, settings, info
     app.state.threshold, app.state.examples = threshold, examples
@@ -180,7 +186,21 @@ def create_app(model, tokenizer, threshold: float, info: dict, settings: Setting
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = secured_openapi(app, settings)
+    add_middleware(app, settings)
+    return app
+
+
+def add_middleware(app: FastAPI, settings: Settings) -> None:
+    """From the outside in: security headers on every answer; Host and Origin; CORS for the
+    origins allowed (answering their preflights before the key is asked for); the API key;
+    the body limit."""
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)  # outermost
-    return app
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.allow_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allow_origin),
+                           allow_methods=["GET", "POST"], max_age=600,
+                           allow_headers=["Content-Type", "Authorization", "X-API-Key"])
+    app.add_middleware(HostOriginMiddleware, allow_host=settings.allow_host,
+                       allow_origin=settings.allow_origin)
+    app.add_middleware(SecurityHeadersMiddleware)

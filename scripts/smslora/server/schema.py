@@ -34,10 +34,12 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in [
-    (400, "malformed JSON"), (401, "missing or wrong API key (when one is set)"),
+    (400, "malformed JSON, or a Host header that does not name this server"),
+    (401, "missing or wrong API key (when one is set)"),
+    (403, "a cross-origin request from a site not allowed"),
     (413, "request body too large"), (415, "a body that is not sent as JSON"),
-    (422, "invalid request (fields, counts, lengths)"),
-    (503, "model still loading, or too many messages waiting")]}
+    (422, "invalid request (fields, counts, lengths, tokens)"),
+    (503, "model still loading, too much waiting for the model, or stopping")]}
 
 
 def validation_message(errors) -> tuple[int, str]:
@@ -86,3 +88,11 @@ def check_messages(messages: list[str], s: Settings) -> None:
         except UnicodeEncodeError:
             raise HTTPException(422, f"messages[{i}] is not valid Unicode text "
                                      "(an unpaired surrogate)")
+
+
+def check_tokens(costs: list[int], s: Settings) -> None:
+    """What the request costs the model: its messages' prompt tokens, within the limit."""
+    if sum(costs) > s.max_request_tokens:
+        raise HTTPException(422, f"the messages come to {sum(costs)} prompt tokens, more than "
+                                 f"the limit of {s.max_request_tokens} per request: send fewer "
+                                 "or shorter messages per request")
