@@ -29,12 +29,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from smslora import cli, fastblas  # noqa: E402  (light: mlx is imported after cli.run's set-up)
-from smslora.artifacts import atomic_write_json, read_jsonl  # noqa: E402
-from smslora.errors import UserError  # noqa: E402
-from smslora.paths import DATA_DIR, FUSED_DIR, REPORTS_DIR  # noqa: E402
+import _project  # noqa: F401  (scripts/ on sys.path)
+from smslora import cli, fastblas  # light: mlx is imported after cli.run's set-up
+from smslora.artifacts import atomic_write_json, read_jsonl
+from smslora.errors import UserError
+from smslora.paths import DATA_DIR, FUSED_DIR, REPORTS_DIR, ROOT
 
 SERVE = ROOT / "scripts" / "08_serve.py"
 
