@@ -25,6 +25,7 @@ from . import batches as B
 from .artifacts import atomic_write_json, read_split, replace_dir, write_checksums
 from .checkpoint import CHECKPOINT, restore_checkpoint, run_dir_of, save_adapters
 from .config import TrainConfig, adapter_config
+from .distributed import Ranks, log_on_main
 from .errors import UserError, require, require_model
 from .frozen import (HELD_OUT_STATES, FrozenStates, cached_label_logits, frozen_prefix_supported,
                      opening_shared, release_blocks)
@@ -108,19 +109,32 @@ def batch_schedule(train_rows: list[dict], train_ex, cfg: TrainConfig) -> Callab
     return lambda step: B.balanced_batch_at(step, by_class, cfg.batch_size, cfg.seed)
 
 
+def shard_of(batch_of: Callable[[int], list], ranks: Ranks) -> Callable[[int], list]:
+    """This rank's share of each step's global batch."""
+    return lambda step: ranks.shard(batch_of(step))
+
+
 def fit(model, tokenizer, rows: Rows, cfg: TrainConfig, run_dir: Path, log=print,
-        resume: tuple[Path, dict] | None = None) -> tuple[dict, np.ndarray]:
+        resume: tuple[Path, dict] | None = None,
+        ranks: Ranks | None = None) -> tuple[dict, np.ndarray | None]:
     """Train LoRA adapters into run_dir; returns the history (losses, timings, diagnosis) and
     the shipped adapter's P(spam) of each message of rows.select (the held-out ones scored only
     at the end, to choose the threshold on).
 
-    resume: (checkpoint folder, its state) of an interrupted run, which continues from there."""
+    resume: (checkpoint folder, its state) of an interrupted run, which continues from there.
+    ranks: the processes of a distributed job (default: this one alone); each trains on its
+    share of every batch, and only rank 0 scores the held-out messages (the others: None)."""
+    ranks = ranks or Ranks()
     mx.random.seed(cfg.seed)
     completion_only = cfg.loss == "completion"
     train_ex = B.tokenize(tokenizer, rows.train, cfg.max_seq_length)
     select_ex = B.tokenize(tokenizer, rows.select, cfg.max_seq_length)
     valid_ex = select_ex[: len(rows.valid)]
     batch_of = batch_schedule(rows.train, train_ex, cfg)
+    if cfg.batch_size < ranks.size:
+        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {ranks.size} processes")
+    if ranks.size > 1:
+        batch_of = shard_of(batch_of, ranks)
     if len(valid_ex) < cfg.batch_size:
         raise UserError(f"need at least batch_size={cfg.batch_size} validation messages")
     # The messages of `val_batches` batches (mlx-lm's meaning), evaluated in larger batches:
@@ -129,8 +143,9 @@ def fit(model, tokenizer, rows: Rows, cfg: TrainConfig, run_dir: Path, log=print
     picked = np.random.default_rng(cfg.seed).permutation(len(valid_ex))[:n_val].tolist()
     val_batches = B.token_batches(valid_ex, picked, B.VAL_TOKENS)
     optimizer = make_optimizer(cfg)
-    train_frozen, val_frozen = freeze_lower_blocks(model, train_ex, select_ex, len(valid_ex),
-                                                   batch_of, cfg, run_dir, log)
+    train_frozen, val_frozen = freeze_lower_blocks(
+        model, train_ex, select_ex if ranks.main else valid_ex, len(valid_ex), batch_of, cfg,
+        run_dir, log)
     first, shared = ((train_frozen.first, opening_shared(train_frozen))
                      if train_frozen is not None else (0, 0))
     value_and_grad = nn.value_and_grad(
@@ -144,12 +159,18 @@ def fit(model, tokenizer, rows: Rows, cfg: TrainConfig, run_dir: Path, log=print
         log(f"Resumed from the checkpoint after iteration {done}")
     else:
         optimizer.init(model.trainable_parameters())
-    step = training_step(model, optimizer, value_and_grad)  # after the state is what it will stay
+    # after the state is what it will stay:
+    step = training_step(model, optimizer, value_and_grad, ranks)
+    if ranks.size > 1:  # every process ready (frozen states done) before the watchdog starts
+        mx.eval(ranks.sum(mx.array(1.0)))
     last = train(model, optimizer, step,
                  lambda i: B.collate(train_ex, batch_of(i), train_frozen),
-                 lambda: evaluate_loss(model, valid_ex, val_batches, completion_only, val_frozen),
-                 cfg, run_dir, progress, done, log)
+                 lambda: evaluate_loss(model, valid_ex, val_batches, completion_only, val_frozen,
+                                       ranks),
+                 cfg, run_dir, progress, done, log, ranks)
     progress.history["iterations_run"] = last
+    if not ranks.main:
+        return progress.history, None
     release_memory()  # the steps' buffers, before scoring and plotting
     save_adapters(model, run_dir / "final_adapters.safetensors")
     model.load_weights(str(run_dir / f"{cfg.ship}_adapters.safetensors"), strict=False)
@@ -193,7 +214,10 @@ def raise_interrupt(signum, frame):
 def run(cfg: TrainConfig, reports: Path, resume: tuple[Path, dict] | None = None,
         trust_remote_code: bool = False, log=print) -> dict:
     """Step 3 whole: train, choose the threshold, and put the finished run folder in place of
-    cfg.adapter_path (only when everything succeeded); the curves go to `reports`."""
+    cfg.adapter_path (only when everything succeeded); the curves go to `reports`. Under
+    mlx.launch every process trains its share and rank 0 alone writes and logs."""
+    ranks = Ranks()
+    log = log_on_main(ranks, log)
     require_model(Path(cfg.model))
     compile_whole_step()  # a bad SMS_LORA_COMPILE_STEP stops the run here, before any work
     rows = read_rows(cfg)
@@ -209,7 +233,7 @@ def run(cfg: TrainConfig, reports: Path, resume: tuple[Path, dict] | None = None
     # Work in a hidden folder beside the output that survives a crash (its checkpoints and
     # best-validation copy stay inspectable) and replaces the output only when the run is done.
     run_dir = run_dir_of(out)
-    if resume is None:
+    if resume is None and ranks.main:
         if (run_dir / CHECKPOINT).is_dir():
             log(f"Starting over: the checkpoint of an interrupted run in {run_dir} is discarded "
                 "(--resume continues it instead)")
@@ -218,8 +242,10 @@ def run(cfg: TrainConfig, reports: Path, resume: tuple[Path, dict] | None = None
     # SIGTERM (a shutdown, `kill`) is handled like Ctrl-C: a checkpoint first, then exit.
     signal.signal(signal.SIGTERM, raise_interrupt)
     tic = time.perf_counter()
-    history, probs = fit(model, tokenizer, rows, cfg, run_dir, log, resume)
+    history, probs = fit(model, tokenizer, rows, cfg, run_dir, log, resume, ranks)
     history["train_seconds"] = time.perf_counter() - tic
+    if not ranks.main:
+        return history
     shutil.copy(run_dir / f"{cfg.ship}_adapters.safetensors",
                 run_dir / ADAPTERS_FILE)  # the file mlx-lm loads
     atomic_write_json(run_dir / ADAPTER_CONFIG, adapter_config(cfg))

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from .batches import STEP_WIDTH, collate, padded
 from .checkpoint import CHECKPOINT, save_adapters, save_checkpoint
 from .config import TrainConfig
+from .distributed import Ranks, Watchdog
 from .errors import UserError
 from .frozen import opening_shared, upper_blocks
 from .loss import projected_cross_entropy
@@ -79,15 +80,20 @@ def summed_cross_entropy(model, h, targets, mask, grad: bool = True):
     return (projected_cross_entropy(model, h, targets, grad=grad) * mask).sum()
 
 
-def evaluate_loss(model, examples, batches, completion_only, frozen=None) -> float:
+def evaluate_loss(model, examples, batches, completion_only, frozen=None,
+                  ranks: Ranks | None = None) -> float:
+    """Mean loss per predicted token over the batches (with ranks: this rank's share of them,
+    the sums combined across ranks)."""
     total, count = 0.0, 0
     first, shared = (frozen.first, opening_shared(frozen)) if frozen is not None else (0, 0)
-    for idx in batches:
+    for idx in batches if ranks is None else ranks.shard(batches):
         loss, n = loss_fn(model, *collate(examples, idx, frozen), completion_only, first, shared,
                           grad=False)
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
+    if ranks is not None and ranks.size > 1:
+        total, count = ranks.sum(mx.array([total, count], dtype=mx.float32)).tolist()
     return total / max(count, 1)
 
 
@@ -103,13 +109,19 @@ def compile_whole_step() -> bool:
     return choice == "1"
 
 
-def training_step(model, optimizer, value_and_grad):
-    """step(ids, lengths, starts, states) -> (loss, tokens): the gradients, then the update."""
+def training_step(model, optimizer, value_and_grad, ranks: Ranks | None = None):
+    """step(ids, lengths, starts, states) -> (loss, tokens): the gradients, then the update.
+    With ranks of a distributed job, the loss, tokens and gradients of the whole batch."""
+    distributed = ranks is not None and ranks.size > 1
+    if distributed and compile_whole_step():
+        raise UserError("SMS_LORA_COMPILE_STEP=1 is for one process: unset it under mlx.launch")
     if not compile_whole_step():
         update = compiled_update(model, optimizer)
 
         def step(*batch):
             (loss, ntoks), grads = value_and_grad(model, *batch)
+            if distributed:
+                loss, ntoks, grads = ranks.combine(loss, ntoks, grads)
             update(grads)
             return loss, ntoks
 
@@ -145,7 +157,7 @@ SPIKE_FACTOR, SPIKE_STEPS, SPIKE_FLOOR = 10.0, 3, 1.0
 
 
 def check_explosion(loss: float, it: int, progress: Progress, model, run_dir: Path,
-                    cfg: TrainConfig):
+                    cfg: TrainConfig, writes: bool = True):
     """Stop on a NaN/Inf loss, or on a loss far above the running one for several steps in a
     row (one hard batch is not an explosion); the last good adapter stays on disk."""
     recent = progress.recent_losses
@@ -155,7 +167,8 @@ def check_explosion(loss: float, it: int, progress: Progress, model, run_dir: Pa
     if math.isfinite(loss) and progress.spikes < SPIKE_STEPS:
         progress.recent_losses = (recent + [loss])[-20:]
         return
-    save_adapters(model, run_dir / "exploded_adapters.safetensors")
+    if writes:
+        save_adapters(model, run_dir / "exploded_adapters.safetensors")
     what = (f"loss exploded to {loss}" if not math.isfinite(loss) else
             f"loss exploded: {loss:.3f}, over {SPIKE_FACTOR:g}x the running median "
             f"{median:.3f} for {SPIKE_STEPS} steps")
@@ -165,7 +178,7 @@ def check_explosion(loss: float, it: int, progress: Progress, model, run_dir: Pa
 
 
 def validate(it: int, val_loss: Callable[[], float], progress: Progress, cfg: TrainConfig,
-             model, run_dir: Path, log) -> bool:
+             model, run_dir: Path, log, writes: bool = True) -> bool:
     """Validation loss before iteration `it`: best copy, overfitting warning, early stop.
     Returns True when training should stop."""
     history = progress.history
@@ -178,7 +191,8 @@ def validate(it: int, val_loss: Callable[[], float], progress: Progress, cfg: Tr
     history["val"].append({"iteration": it, "val_loss": val})
     if val < progress.best:
         progress.best, progress.evals_since_best = val, 0
-        save_adapters(model, run_dir / "best_adapters.safetensors")
+        if writes:
+            save_adapters(model, run_dir / "best_adapters.safetensors")
         history["best"] = {"iteration": it, "val_loss": val}
     else:
         progress.evals_since_best += 1
@@ -200,10 +214,12 @@ def validate(it: int, val_loss: Callable[[], float], progress: Progress, cfg: Tr
 
 def train(model, optimizer, step, batch_at: Callable[[int], tuple],
           val_loss: Callable[[], float], cfg: TrainConfig, run_dir: Path, progress: Progress,
-          start: int = 0, log=print) -> int:
+          start: int = 0, log=print, ranks: Ranks | None = None) -> int:
     """Iterations start+1 .. cfg.iters: `step(*batch_at(i))` (training_step) on the batch of
     0-based step i, validation (`val_loss()`) every cfg.steps_per_eval, checkpoints into
-    run_dir. Returns the last iteration run; Ctrl-C saves a checkpoint, then re-raises."""
+    run_dir. Returns the last iteration run; Ctrl-C saves a checkpoint, then re-raises.
+    ranks: a distributed job's (batch_at gives this rank's share); only rank 0 writes."""
+    writes = ranks is None or ranks.main
     def snapshot(it):  # arrays are immutable and these flat dicts are new containers:
         return {"step": it,  # holding them is cheap, and nothing mid-step changes them
                 "params": dict(tree_flatten(model.trainable_parameters())),
@@ -213,38 +229,62 @@ def train(model, optimizer, step, batch_at: Callable[[int], tuple],
     snap = snapshot(start)
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
     it = start
+
+    def where():
+        saved = (run_dir / CHECKPOINT / "state.json").is_file()
+        return (f"the last checkpoint, in {run_dir / CHECKPOINT}, is intact (--resume)" if saved
+                else "no checkpoint was saved yet")
+
     try:
-        for it in range(start + 1, cfg.iters + 1):
-            if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
-                if validate(it, val_loss, progress, cfg, model, run_dir, log):
-                    break
-            tic = time.perf_counter()
-            mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
-            batch = batch_at(it - 1)
-            loss, ntoks = step(*batch)
-            mx.eval(model.parameters(), optimizer.state, loss, ntoks)
-            loss_value = loss.item()
-            check_explosion(loss_value, it, progress, model, run_dir, cfg)
-            window["loss"] += loss_value
-            window["tokens"] += int(batch[1].sum().item())  # every input token, as mlx-lm counts
-            window["seconds"] += time.perf_counter() - tic
-            window["steps"] += 1
-            if it % cfg.steps_per_report == 0 or it == cfg.iters:
-                report_window(it, window, progress, optimizer, log)
-                window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-            snap = snapshot(it)
-            if it % cfg.steps_per_save == 0:
-                save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
-                save_checkpoint(run_dir, snap, cfg)
-                log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors "
-                    "and a checkpoint")
+        with Watchdog(ranks or Ranks(), where) as dog:
+            for it in range(start + 1, cfg.iters + 1):
+                if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
+                    if validate(it, val_loss, progress, cfg, model, run_dir, log, writes):
+                        break
+                    dog.beat()
+                run_step(it, step, batch_at, model, optimizer, progress, window, cfg, run_dir,
+                         log, ranks)
+                dog.beat()
+                snap = snapshot(it)
+                if it % cfg.steps_per_save == 0 and writes:
+                    save_adapters(model, run_dir / f"{it:07d}_adapters.safetensors")
+                    save_checkpoint(run_dir, snap, cfg)
+                    log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors "
+                        "and a checkpoint")
     except KeyboardInterrupt:
+        if not writes:
+            raise
         save_checkpoint(run_dir, snap, cfg)
+        if ranks is not None and ranks.size > 1:  # mlx.launch stops the job when a rank ends
+            raise UserError(f"rank 0: stopped (another process of the distributed job ended, "
+                            f"or Ctrl-C); checkpoint after iteration {snap['step']} saved in "
+                            f"{run_dir / CHECKPOINT}: continue with --resume") from None
         log(f"Interrupted: checkpoint after iteration {snap['step']} saved in "
             f"{run_dir / CHECKPOINT}; continue with: python scripts/03_train.py --resume "
             f"--adapter-path {cfg.adapter_path}")
         raise
     return it
+
+
+def run_step(it: int, step, batch_at, model, optimizer, progress: Progress, window: dict,
+             cfg: TrainConfig, run_dir: Path, log, ranks: Ranks | None) -> None:
+    """One optimizer step on the batch of iteration `it`, its checks and its share of the
+    train-loss line."""
+    tic = time.perf_counter()
+    mx.random.seed(cfg.seed * 1_000_003 + it)  # dropout noise: a function of the step
+    batch = batch_at(it - 1)
+    loss, ntoks = step(*batch)
+    mx.eval(model.parameters(), optimizer.state, loss, ntoks)
+    loss_value = loss.item()
+    check_explosion(loss_value, it, progress, model, run_dir, cfg, ranks is None or ranks.main)
+    tokens = batch[1].sum() if ranks is None else ranks.sum(batch[1].sum())
+    window["loss"] += loss_value
+    window["tokens"] += int(tokens.item())  # every input token, as mlx-lm counts
+    window["seconds"] += time.perf_counter() - tic
+    window["steps"] += 1
+    if it % cfg.steps_per_report == 0 or it == cfg.iters:
+        report_window(it, window, progress, optimizer, log)
+        window.update(loss=0.0, tokens=0, seconds=0.0, steps=0)
 
 
 def report_window(it: int, window: dict, progress: Progress, optimizer, log) -> None:
