@@ -1,7 +1,6 @@
 """Shared test helpers. pytest itself is re-executed with the fast BLAS (smslora/fastblas.py)
 before any test module imports mlx: the explicit entry point of the test run."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,16 +22,6 @@ def pytest_configure(config):
         # The re-exec inherits file descriptors: give pytest's real stdout/stderr back first.
         config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
         fastblas.ensure()
-
-
-def load_script(name: str):
-    """Import scripts/NN_name.py as a module (its file name starts with a digit)."""
-    path = ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(script: str, *args, input: str | None = None, env: dict | None = None):

@@ -3,15 +3,16 @@
 MLX's CPU backend calls cblas_sgemm from a bundled reference BLAS (~5-8 GFLOP/s here). Preloading
 PyPI's MKL (`libmkl_rt.so.3`) makes the same calls run at ~100-200 GFLOP/s. LD_PRELOAD only
 takes effect when a process starts, so `ensure()` re-executes the current command once with it
-set. It must run before mlx is imported, which is why every script imports `common` first, and
-why this module imports nothing heavy.
+set. It must run before mlx is imported, which is why the entry points (a script's
+`cli.run`, pytest's conftest) call it before anything else, and why this module imports nothing
+heavy.
 
 The same re-execution keeps glibc's malloc from handing large blocks back to the kernel. MLX's
 CPU backend allocates every array with malloc; glibc serves blocks over its (dynamic) mmap
 threshold with fresh pages and unmaps them on free, so each logits-sized temporary (tens of MB)
 is page-faulted in again at every step: measured here, an exp over 4M floats took 45 ms, 33 of
 them in the kernel, against 9 ms with the thresholds below. The price: memory freed by the
-process stays mapped until common.release_memory() trims it, so peak RSS can be higher.
+process stays mapped until model.release_memory() trims it, so peak RSS can be higher.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ SmolLM2 block spends more time in its SiLU than in its attention. Here exp(x) is
 only vectorisable operations (2^k from the exponent bits, e^r from a degree-7 polynomial on
 |r| <= ln(2)/2; relative error ~1e-7, like MLX's own) inside mx.compile, with exact gradients.
 
-`install()` points mlx-lm's llama blocks at these functions; it is called by common.load_model
+`install()` points mlx-lm's llama blocks at these functions; it is called by model.load_model
 on a CPU only (Metal and CUDA have fast kernels of their own).
 """
 
