@@ -181,11 +181,16 @@ def _cheapest_batches(lengths: np.ndarray, batch_size: int, budget: int, pass_to
         yield order[a:b]
 
 
-def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
+def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32,
+                 share: tuple[int, int] = (0, 1)) -> np.ndarray:
     """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
 
     One forward pass per message, batched by similar length. The prompt's opening, the same for
-    every message, is computed once and its keys/values are reused by every batch."""
+    every message, is computed once and its keys/values are reused by every batch.
+    share=(rank, size): only every size-th batch from the rank-th is computed (the other rows
+    stay 0), so that `size` processes summing their results get exactly one process's numbers:
+    the same batches, of the same messages, whoever computes them."""
+    rank, size = share
     pair = label_pair(tokenizer)
     encoded = [encode_prompt(tokenizer, m) for m in messages]
     prefix = prompt_prefix_ids(tokenizer)
@@ -193,8 +198,10 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32) ->
                                 for e in encoded) else 0
     opening = _prefix_cache(model, prefix) if shared else None
     out = np.zeros((len(messages), 2), dtype=np.float32)
-    for idx in length_batches([len(e) - shared for e in encoded], batch_size,
-                              pass_tokens=PASS_TOKENS):
+    for k, idx in enumerate(length_batches([len(e) - shared for e in encoded], batch_size,
+                                            pass_tokens=PASS_TOKENS)):
+        if k % size != rank:
+            continue
         ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
         cache = [Opening(c.keys, c.values) for c in opening] if shared else None
         h = model.model(mx.array(ids), cache=cache)
