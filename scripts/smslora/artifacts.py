@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError, require
+from .folder_checks import project_step, read_json, regular_file
 from .paths import CHECKSUMS, SPLIT_MANIFEST
 
 
@@ -95,28 +96,65 @@ def write_checksums(folder: Path, written_by: str) -> None:
     atomic_write_json(folder / CHECKSUMS, {"written_by": written_by, "files": files})
 
 
-def verify_checksums(folder: Path) -> None:
-    """Weights written by this project must be the bytes it wrote: a truncated copy, a disk
-    error or a hand edit is caught here, by name, instead of loading wrong numbers."""
+def recorded_checksums(folder: Path, fix: str) -> dict[str, dict] | None:
+    """checksums.json's {file name: {"bytes", "sha256"}}, each name a file of folder itself."""
     path = Path(folder) / CHECKSUMS
-    if not path.is_file():
-        return  # a folder from elsewhere (e.g. a Hub model): nothing recorded to check
+    if not os.path.lexists(path):
+        return None
+    regular_file(path)
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        step, files = recorded["written_by"], dict(recorded["files"])
-    except (ValueError, OSError, KeyError, TypeError):
-        raise UserError(f"{path} is unreadable: re-run the step that wrote {Path(folder).name}")
-    bad = []
+        files = dict(read_json(path)["files"])
+    except (UserError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path} is unreadable: {fix}") from None
     for name, want in files.items():
-        f = Path(folder) / name
-        if not f.is_file():
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise UserError(f"{path} is damaged: {name!r} is not a file name in {folder}; {fix}")
+        if not isinstance(want, dict) or type(want.get("bytes")) is not int or not isinstance(
+                want.get("sha256"), str):
+            raise UserError(f"{path} is damaged: no size and SHA-256 for {name}; {fix}")
+    return files
+
+
+def folder_fingerprint(folder: Path, config: str) -> dict:
+    """A model or adapter folder as scores depend on it: the SHA-256 of its config and of its
+    weights (those checksums.json records, which loading verified, else computed)."""
+    folder = Path(folder)
+    recorded = recorded_checksums(folder, f"re-create {folder}") or {}
+    weights = {p.name: recorded[p.name]["sha256"] if p.name in recorded else sha256(p)
+               for p in sorted(folder.glob("*.safetensors"))}
+    return {"config": sha256(folder / config), "weights": weights}
+
+
+def verify_checksums(folder: Path, remedy: str | None = None, missing_ok: bool = False) -> None:
+    """Weights written by this project must be the bytes it wrote: a truncated copy, a disk
+    error or a hand edit is caught here, by name, instead of loading wrong numbers.
+
+    A folder this project wrote (folder_checks.project_step) must have its checksums.json, unless
+    missing_ok; one from elsewhere (a Hub model) may have none. The remedy named is the project's
+    own (`remedy`, else the step that writes such a folder), never text from the file."""
+    folder = Path(folder)
+    step = remedy or project_step(folder)
+    fix = f"re-run {step}" if step else f"replace {folder} with a good copy"
+    files = recorded_checksums(folder, fix)
+    if files is None:
+        if step is not None and not missing_ok:
+            raise UserError(f"{folder / CHECKSUMS} is missing: {folder} was written by {step}, "
+                            f"which records its weights' checksums there; {fix}")
+        return
+    bad = [f"{p.name} is not in {CHECKSUMS}" for p in sorted(folder.glob("*.safetensors"))
+           if p.name not in files]
+    for name, want in files.items():
+        f = folder / name
+        if not os.path.lexists(f):
             bad.append(f"{name} missing")
-        elif f.stat().st_size != want["bytes"]:
-            bad.append(f"{name} has {f.stat().st_size} bytes, not {want['bytes']}")
+            continue
+        size = regular_file(f).st_size
+        if size != want["bytes"]:
+            bad.append(f"{name} has {size} bytes, not {want['bytes']}")
         elif sha256(f) != want["sha256"]:
             bad.append(f"{name} does not match its SHA-256")
     if bad:
-        raise UserError(f"{folder} is damaged ({'; '.join(bad)}): re-run {step}")
+        raise UserError(f"{folder} is damaged ({'; '.join(bad)}): {fix}")
 
 
 @contextlib.contextmanager

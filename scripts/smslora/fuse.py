@@ -18,11 +18,11 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model as mlx_load_model, load_tokenizer, save
 
 from .artifacts import (atomic_dir, atomic_write_json, read_jsonl, read_split, sha256,
-                        verify_checksums, write_checksums)
+                        write_checksums)
 from .errors import UserError, require
 from .evaluate import scoring_provenance
 from .metrics import classifier_metrics, spam_labels
-from .model import check_remote_code, load_model, on_cpu, upcast_half
+from .model import check_folders, load_model, on_cpu, upcast_half
 from .paths import ADAPTER_CONFIG, ADAPTERS_FILE, METRICS_FILE, THRESHOLD_FILE, scores_file
 from .scoring import p_spam_of, score_logits
 from .task import is_spam
@@ -34,9 +34,7 @@ CARRIED = (ADAPTER_CONFIG, THRESHOLD_FILE)  # copied from the adapter folder int
 def fuse(model_dir: Path, adapter_path: Path, save_path: Path, dequantize: bool = True,
          trust_remote_code: bool = False) -> None:
     """mlx-lm's fuse (the same calls as `mlx_lm fuse`), written to save_path with checksums."""
-    check_remote_code(model_dir, trust_remote_code)
-    verify_checksums(model_dir)
-    verify_checksums(adapter_path)
+    check_folders(model_dir, adapter_path, trust_remote_code)  # before anything is built
     model, config = mlx_load_model(model_dir, strict=True, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, {"trust_remote_code": trust_remote_code},
                                eos_token_ids=config.get("eos_token_id"))

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import folder_checks
 from .artifacts import verify_checksums
 from .errors import UserError
+
+# What building a model from a folder that passed the checks may still raise (an odd value in a
+# key no check knows): each becomes one line, never a traceback.
+BUILD_ERRORS = (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError,
+                IndexError, ZeroDivisionError, OverflowError, RecursionError)
 
 
 def on_cpu() -> bool:
@@ -52,40 +58,52 @@ def check_remote_code(model_dir: Path, trust: bool = False) -> None:
     asks = []
     for name in ("config.json", "tokenizer_config.json"):
         path = Path(model_dir) / name
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{path} is not valid JSON")
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path}: expected a JSON object")
+        cfg = folder_checks.read_json_object(path) if path.is_file() else {}
         asks += [f"{name}:{k}" for k in ("model_file", "auto_map") if k in cfg]
     if asks and not trust:
         raise UserError(f"{model_dir} asks to run its own code ({', '.join(asks)}); "
                         "pass --trust-remote-code only if you trust its source")
 
 
+def check_folders(model_dir: Path, adapter_path: Path | None = None,
+                  trust_remote_code: bool = False) -> None:
+    """Everything about the folders that can be known before a model is built, in bounded
+    memory and time (folder_checks): files first (nothing is read from a FIFO or a device),
+    then the code it asks to run, the checksums, and config.json against the weights."""
+    model_dir = Path(model_dir)
+    folder_checks.check_model_files(model_dir)
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise UserError(f"no adapters at {adapter_path}: run scripts/03_train.py first")
+        folder_checks.check_entries(adapter_path)
+    check_remote_code(model_dir, trust_remote_code)
+    verify_checksums(model_dir)
+    folder_checks.check_model_contents(model_dir, trust_remote_code)
+    if adapter_path is not None:
+        # A missing checksums.json is refused after check_adapters_fit: a folder that does
+        # not fit the model says how first.
+        verify_checksums(adapter_path, missing_ok=True)
+        folder_checks.check_adapter_contents(adapter_path)
+
+
 def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bool | None = None,
                trust_remote_code: bool = False):
-    """A model folder (+ optional LoRA adapters) ready to score.
+    """A model folder (+ optional LoRA adapters) ready to score; both folders are checked
+    (check_folders) before anything is built from them.
 
     On a CPU the 4-bit weights are de-quantized to float32: MLX's CPU quantized matmul runs at
     ~3 GFLOP/s, its fp32 matmul through MKL at ~200. On Metal/CUDA the 4-bit path is kept."""
     from mlx_lm.utils import dequantize_model, load_model as mlx_load_model, load_tokenizer
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"no model at {model_dir} (config.json missing): "
-                        "run scripts/01_download_model.py first")
-    if not list(model_dir.glob("*.safetensors")):
-        raise UserError(f"{model_dir} has no .safetensors weights: re-run the step that made it")
-    check_remote_code(model_dir, trust_remote_code)
-    verify_checksums(model_dir)
+    check_folders(model_dir, adapter_path, trust_remote_code)
     try:
         model, config = mlx_load_model(model_dir, lazy=False, strict=True,
                                        trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(model_dir, {"trust_remote_code": trust_remote_code},
                                    eos_token_ids=config.get("eos_token_id"))
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except BUILD_ERRORS as e:
         raise UserError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0][:200]}")
     if dequantize if dequantize is not None else on_cpu():
         # One block at a time, so the 4-bit and float32 copies of the whole model never coexist
@@ -101,11 +119,8 @@ def load_model(model_dir: Path, adapter_path: Path | None = None, dequantize: bo
 
         fastops.install()
     if adapter_path is not None:
-        adapter_path = Path(adapter_path)
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise UserError(f"no adapters at {adapter_path}: run scripts/03_train.py first")
-        verify_checksums(adapter_path)
-        check_adapters_fit(model, adapter_path, model_dir)
+        check_adapters_fit(model, Path(adapter_path), model_dir)
+        verify_checksums(adapter_path)  # now a missing checksums.json too
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
