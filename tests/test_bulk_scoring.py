@@ -45,7 +45,7 @@ def interrupted(monkeypatch, model, src, out, *flags):
     """A run stopped by Ctrl-C after its first chunk of 256 verdicts: what it leaves behind."""
     import smslora.classify
 
-    real, calls = smslora.classify.p_spam, []
+    real, calls = smslora.classify.score_logits, []
 
     def second_chunk_interrupted(*args, **kwargs):
         calls.append(1)
@@ -53,7 +53,7 @@ def interrupted(monkeypatch, model, src, out, *flags):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(smslora.classify, "p_spam", second_chunk_interrupted)
+    monkeypatch.setattr(smslora.classify, "score_logits", second_chunk_interrupted)
     with pytest.raises(SystemExit) as e:
         classify(model, src, out, *flags)
     monkeypatch.undo()

@@ -107,3 +107,24 @@ def test_a_dead_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path, tiny_mod
     assert f"Resumed from the checkpoint after iteration {state['step']}" in r.stdout
     history = json.loads((out / "adapters" / "history.json").read_text())
     assert history["iterations_run"] == 400
+
+
+def test_two_ranks_score_a_file_byte_for_byte_as_one(tmp_path, tiny_model):
+    """07_chat.py --input under mlx.launch: each rank scores its share of every chunk's batches,
+    rank 0 writes one output, in input order, the same bytes as one process."""
+    src = tmp_path / "in.txt"
+    words = ["win", "a", "prize", "call", "now", "see", "you", "at", "six", "mum", "free", "txt"]
+    src.write_text("".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 23))
+                           + f" {i}\n" for i in range(600)))
+    r = run_script("07_chat.py", "--model", tiny_model, "--input", src, "--output",
+                   tmp_path / "one.jsonl")
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    job = subprocess.run(
+        [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--",
+         sys.executable, str(ROOT / "scripts" / "07_chat.py"), "--model", str(tiny_model),
+         "--input", str(src), "--output", str(tmp_path / "two.jsonl")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert job.stdout.count("Classified 600 messages") == 1, job.stderr  # rank 0 alone
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "one.jsonl", "two.jsonl"]

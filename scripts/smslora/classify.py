@@ -12,8 +12,6 @@ a run writes, the partial file is locked: a second run on the same OUTPUT stops 
 
 from __future__ import annotations
 
-import codecs
-import csv
 import fcntl
 import json
 import os
@@ -21,116 +19,19 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
+
 from .artifacts import atomic_write_json, folder_fingerprint, sha256
 from .errors import UserError
 from .folder_checks import check_entries, read_json
-from .scoring import p_spam
+from .messages import MAX_LINE_CHARS, check_paths, count_messages, iter_messages, lone_surrogate
+from .distributed import Ranks, Watchdog
+from .scoring import p_spam, p_spam_of, score_logits
 from .task import LABELS, is_blank, verdict
 
 SHOWN = {"spam": "SPAM", "ham": "NOT SPAM"}  # how the chat prints a verdict
-MAX_LINE_CHARS = 1 << 20  # a JSONL or text line (a CSV field: csv's own 131,072)
 RECORD_FORMAT = "sms-lora verdicts 1"  # the partial file's lines: {"text", "label", "p_spam"}
-
-
-def lone_surrogate(text: str) -> bool:
-    """Half a UTF-16 pair (JSON's "\\ud800", or a byte that is not UTF-8, escaped): not text."""
-    return not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text)
-
-
-def check_utf8(path: Path) -> None:
-    """The whole file decodes as UTF-8; else the line of the first bad byte is named."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                line += chunk.count(b"\n", 0, max(e.start, 0))
-                raise UserError(f"{path} line {line}: not UTF-8 text") from None
-            line += chunk.count(b"\n")
-        if decoder.getstate()[0]:
-            raise UserError(f"{path} line {line}: not UTF-8 text (cut short)")
-
-
-def jsonl_message(line: str, where: str) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        raise UserError(f"{where}: not JSON") from None
-    except RecursionError:
-        raise UserError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise UserError(f"{where}: expected an object with a 'text' string")
-    if lone_surrogate(obj["text"]):
-        raise UserError(f"{where}: the message holds a lone surrogate (an escape such as "
-                        "\\ud800 that is half a character), not text")
-    return obj["text"]
-
-
-def csv_messages(f, path: Path):
-    reader = csv.DictReader(f)
-    try:
-        if "text" not in (reader.fieldnames or []):
-            raise UserError(f"{path}: no 'text' column in the header")
-        for row in reader:
-            if is_blank(row["text"] or ""):
-                raise UserError(f"{path} line {reader.line_num}: empty message")
-            yield row["text"]
-    except csv.Error as e:  # line_num: the lines of the records read whole
-        raise UserError(f"{path} line {reader.line_num + 1}: not CSV ({e})") from None
-
-
-def iter_messages(path: Path):
-    """Messages from JSONL (a `text` field), CSV (a `text` column) or plain text (a line each),
-    read line by line: a file of any size is never held in memory."""
-    if not path.is_file():
-        raise UserError(f"input file {path} not found")
-    suffix = path.suffix.lower()
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        try:
-            if suffix == ".csv":
-                yield from csv_messages(f, path)
-                return
-            for i, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), 1):
-                if len(line) > MAX_LINE_CHARS:
-                    raise UserError(f"{path} line {i}: longer than {MAX_LINE_CHARS:,} characters")
-                if not line.strip():
-                    continue
-                if suffix == ".jsonl":
-                    text = jsonl_message(line, f"{path} line {i}")
-                elif is_blank(line):
-                    raise UserError(f"{path} line {i}: only control characters")
-                else:
-                    text = line.rstrip("\r\n")
-                if is_blank(text):
-                    raise UserError(f"{path} line {i}: empty message")
-                yield text
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
-
-
-def count_messages(path: Path) -> int:
-    """Validate the whole file (one line error) before any model work; returns the count."""
-    if path.is_file():
-        check_utf8(path)
-    n = sum(1 for _ in iter_messages(path))
-    if not n:
-        raise UserError(f"{path} has no messages")
-    return n
-
-
-def check_paths(src: Path, dst: Path) -> None:
-    """--output names a new or replaceable file in an existing folder, never the input."""
-    if dst.is_dir():
-        raise UserError(f"--output {dst} is a folder: name a file in it")
-    if not dst.parent.is_dir():
-        raise UserError(f"--output {dst}: no folder {dst.parent} (create it first)")
-    if dst.exists() and not dst.is_file():
-        raise UserError(f"--output {dst} exists and is not a file: name a file")
-    for out in (dst, dst.with_name(dst.name + ".partial")):
-        if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
-            raise UserError(f"--output {dst} would replace --input {src}: name another file")
 
 
 def run_record(src: Path, model_dir: Path, adapter_path: Path | None, threshold: float) -> dict:
@@ -235,26 +136,49 @@ def progress(done: int, total: int, started: float, skipped: int = 0):
     print(f"\r[{bar:<30s}] {done}/{total}  {rate:.1f} msg/s", end="", file=sys.stderr, flush=True)
 
 
-def classify_file(model, tokenizer, threshold: float, src: Path, out: Output, record: dict,
-                  total: int, chunk: int = 256):
-    """Score src into the locked partial file in chunks (resuming when start() allows), then
-    put it in place of the output."""
-    done, messages = start(out, record, src, threshold)
+def classify_file(model, tokenizer, threshold: float, src: Path, out: Output | None,
+                  record: dict | None, total: int, chunk: int = 256,
+                  ranks: Ranks | None = None):
+    """Score src into the locked partial file in chunks (resuming when start() allows).
+    ranks: the processes of an mlx.launch job; each scores its share of every chunk's batches
+    and rank 0 (the only one with `out`) writes every line, in input order: the same bytes as
+    one process."""
+    ranks = ranks or Ranks()
+    done, messages = start(out, record, src, threshold) if ranks.main else (0, None)
+    if ranks.size > 1:  # where rank 0 resumes, every rank resumes
+        done = int(ranks.sum(mx.array(done)).item())
+        if not ranks.main:
+            messages = iter_messages(src)
+            for _ in range(done):
+                next(messages)
     started, counts = time.perf_counter(), {"spam": 0, "ham": 0}
-    out.file.seek(0, os.SEEK_END)
-    while part := [m for _, m in zip(range(chunk), messages)]:
-        lines = []
-        for text, p in zip(part, p_spam(model, tokenizer, part)):
-            label = verdict(p, threshold)
-            counts[label] += 1
-            lines.append(json.dumps({"text": text, "label": label, "p_spam": round(float(p), 6)},
-                                    ensure_ascii=False) + "\n")
-        out.file.write("".join(lines).encode("utf-8"))
-        out.file.flush()
-        os.fsync(out.file.fileno())
-        progress(done + sum(counts.values()), total, started, done)
-    print(file=sys.stderr)
+    if out is not None:
+        out.file.seek(0, os.SEEK_END)
+    with Watchdog(ranks, lambda: f"{out.path if out else 'the output'} keeps the lines "
+                  "scored so far: run again to resume") as dog:
+        while part := [m for _, m in zip(range(chunk), messages)]:
+            logits = score_logits(model, tokenizer, part, share=(ranks.rank, ranks.size))
+            if ranks.size > 1:
+                logits = np.array(ranks.sum(mx.array(logits)))
+            dog.beat()
+            if out is not None:
+                write_verdicts(out, part, p_spam_of(logits), threshold, counts)
+                progress(done + sum(counts.values()), total, started, done)
+    if out is not None:
+        print(file=sys.stderr)
     return counts
+
+
+def write_verdicts(out: Output, texts: list[str], probs, threshold: float, counts: dict) -> None:
+    lines = []
+    for text, p in zip(texts, probs):
+        label = verdict(p, threshold)
+        counts[label] += 1
+        lines.append(json.dumps({"text": text, "label": label, "p_spam": round(float(p), 6)},
+                                ensure_ascii=False) + "\n")
+    out.file.write("".join(lines).encode("utf-8"))
+    out.file.flush()
+    os.fsync(out.file.fileno())
 
 
 def chat(model, tokenizer, threshold: float):
@@ -293,12 +217,18 @@ def run(model_dir: Path, adapter_path: Path | None, threshold: float | None,
     input_path, output_path = Path(input_path), Path(output_path)
     total = count_messages(input_path)  # a bad file fails before the model is loaded
     check_paths(input_path, output_path)
+    ranks = Ranks()  # under mlx.launch: rank 0 writes, every rank scores its share
+    if not ranks.main:
+        model, tokenizer = load_model(model_dir, adapter_path, trust_remote_code=trust_remote_code)
+        classify_file(model, tokenizer, threshold, input_path, None, None, total, ranks=ranks)
+        return
     out = Output(output_path)
     try:
         model, tokenizer = load_model(model_dir, adapter_path,
                                       trust_remote_code=trust_remote_code)
         record = run_record(input_path, model_dir, adapter_path, threshold)
-        counts = classify_file(model, tokenizer, threshold, input_path, out, record, total)
+        counts = classify_file(model, tokenizer, threshold, input_path, out, record, total,
+                               ranks=ranks)
     except BaseException:
         out.close()
         raise
