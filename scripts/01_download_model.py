@@ -34,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--hf-repo",
                      help="Hugging Face Hub repo id of an MLX model, or a local folder")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="GGUF sources: 'auto' keeps the layouts MLX shares and says what it does "
-                   "with the others; 'float32' de-quantizes every tensor (default: auto)")
+                   help="GGUF sources: 'auto' keeps the numbers of every type MLX's quantized "
+                   "layout holds and re-quantizes the others (step 1 prints which); 'float32' "
+                   "de-quantizes every tensor exactly (default: auto)")
     p.add_argument("--force", action="store_true", help="re-create --out even if it holds a model")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accept a --hf-repo model that asks to run its own code (off: refused)")

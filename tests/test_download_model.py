@@ -276,3 +276,13 @@ def test_float32_conversion_matches_reference(tmp_path_factory):
     rows = reference_rows()
     for row_logits, row in zip(last_logits(model, rows), rows):
         check_against_reference(row_logits, row, EXACT_TOL)
+
+
+def test_a_base_not_installed_names_its_package():
+    from dataclasses import replace
+
+    from smslora.errors import UserError
+
+    missing = replace(SMOLLM2, module="no_such_module_here", requirement="no-such-package==1.0")
+    with pytest.raises(UserError, match="pip install 'no-such-package==1.0'"):
+        missing.gguf()

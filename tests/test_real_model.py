@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_script
-from smslora import bases
-from smslora.convert.to_mlx import convert_gguf
+from smslora.convert.step import make_baseline
 from smslora.model import load_model
 from smslora.scoring import p_spam
 
@@ -17,8 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "baseline"
-    out.mkdir()
-    convert_gguf(bases.get("smollm2-135m").gguf(), out)
+    assert make_baseline(out, base="smollm2-135m") == 0
     return out
 
 

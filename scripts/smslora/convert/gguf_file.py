@@ -62,13 +62,13 @@ def unreadable(path: Path, e: Exception) -> UserError:
 
 
 def plain(field):
-    """A metadata field as a plain Python value; float32 noise rounded off (1e-05, not
-    9.999999747e-06)."""
+    """A metadata field as a plain Python value; a float32 scalar's noise rounded off (1e-05,
+    not 9.999999747e-06). Arrays (token scores) stay as stored."""
     import gguf
 
     v = field.contents()
-    if field.types and field.types[-1] == gguf.GGUFValueType.FLOAT32:
-        v = [float(f"{x:.7g}") for x in v] if isinstance(v, list) else float(f"{v:.7g}")
+    if field.types == [gguf.GGUFValueType.FLOAT32]:
+        v = float(f"{v:.7g}")
     return v
 
 
