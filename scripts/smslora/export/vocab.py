@@ -1,0 +1,105 @@
+"""A model folder's tokenizer as llama.cpp's GGUF metadata (the keys convert_hf_to_gguf.py writes).
+
+Byte-level BPE only (`tokenizer.ggml.model` = gpt2), the family of SmolLM2: the vocabulary in id
+order, each token's type (added special tokens are CONTROL, other added tokens USER_DEFINED),
+the merges, the special token ids and whether BOS is added (gguf.SpecialVocab, llama.cpp's own
+reader of tokenizer.json / tokenizer_config.json), and the pre-tokenizer by llama.cpp's name.
+llama.cpp names pre-tokenizers by a hash of what a tokenizer makes of a test text; here the
+tokenizer.json's own pre-tokenizer is matched instead, for the two shapes llama.cpp splits the
+same way:
+  * `smollm`: digits split one by one, then GPT-2's regex (SmolLM, SmolLM2);
+  * `gpt-2`: GPT-2's regex alone.
+Any other tokenizer is refused with one line: a GGUF whose tokenizer splits text differently
+from ours would score other tokens, silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+NORMAL, USER_DEFINED, CONTROL, UNUSED = 1, 4, 3, 5  # gguf.TokenType
+
+
+def read_tokenizer(model_dir: Path) -> dict:
+    path = Path(model_dir) / "tokenizer.json"
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        tok["model"]["type"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is not a tokenizer.json (no model type in it): re-run the step "
+                        "that wrote the model") from None
+    return tok
+
+
+def pre_tokenizer_name(tok: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, or a UserError saying what it is."""
+    if tok["model"]["type"] != "BPE" or tok["model"].get("byte_fallback"):
+        raise UserError(f"the model's tokenizer is {tok['model']['type']} "
+                        f"{'with byte fallback ' if tok['model'].get('byte_fallback') else ''}"
+                        "(SentencePiece style): the GGUF export writes byte-level BPE only")
+    if tok.get("normalizer"):
+        raise UserError(f"the model's tokenizer normalizes text "
+                        f"({tok['normalizer'].get('type')}): the GGUF export does not support it")
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if byte_level is None or not byte_level.get("use_regex", True) \
+            or byte_level.get("add_prefix_space"):
+        raise UserError(f"the model's tokenizer pre-tokenizes with {kinds or 'nothing'}: the GGUF "
+                        "export supports GPT-2's byte-level regex (with or without SmolLM's "
+                        "digit split)")
+    if kinds == ["ByteLevel"]:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    raise UserError(f"the model's tokenizer pre-tokenizes with {kinds}: the GGUF export supports "
+                    "GPT-2's byte-level regex (with or without SmolLM's digit split)")
+
+
+def vocabulary(tok: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Tokens in id order and their types, n_vocab of them (the embedding's rows); ids the
+    tokenizer does not use are [PADn] placeholders of type UNUSED, as convert_hf_to_gguf.py
+    writes them."""
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
+    kinds = {i: NORMAL for i in by_id}
+    for added in tok.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        kinds[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    if by_id and max(by_id) >= n_vocab:
+        raise UserError(f"the tokenizer has token id {max(by_id)} but the model's embedding has "
+                        f"{n_vocab} rows: the model folder is inconsistent")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    types = [kinds.get(i, UNUSED) for i in range(n_vocab)]
+    return tokens, types
+
+
+def add_tokenizer(writer, model_dir: Path, n_vocab: int) -> str:
+    """Write the tokenizer.ggml.* keys; returns the pre-tokenizer's name."""
+    import gguf
+
+    tok = read_tokenizer(model_dir)
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a JSON object: re-run the step that wrote the model") \
+            from None
+    pre = pre_tokenizer_name(tok)
+    tokens, types = vocabulary(tok, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise UserError(f"{model_dir}/tokenizer.json has no merges: not a byte-level BPE "
+                        "tokenizer llama.cpp can rebuild")
+    if "bos" not in special.add_special_token:  # llama.cpp would add one; transformers does not
+        special.add_special_token["bos"] = False
+    special.add_to_gguf(writer, quiet=True)
+    return pre
