@@ -13,7 +13,7 @@ from mlx.utils import tree_map
 from .batches import VAL_TOKENS, token_batches
 from .checkpoint import save_weights
 from .model import on_cpu, release_memory
-from .scoring import Opening, label_logits, label_pair, pad_batch
+from .scoring import Opening, attention_mask, label_logits, label_pair, pad_batch
 
 
 class FrozenStates:
@@ -109,10 +109,30 @@ def shared_opening(seqs: list[list[int]]) -> int:
 
 
 def lower_blocks(model, ids: mx.array, first: int, caches=None) -> mx.array:
-    h = model.model.embed_tokens(ids)
+    h = embed(model, ids)
     for i, layer in enumerate(model.model.layers[:first]):
-        h = layer(h, "causal", caches[i] if caches else None)
+        cache = caches[i] if caches else None
+        h = layer(h, block_mask(model, layer, h.shape[1], cache.offset if cache else 0), cache)
     return h
+
+
+def embed(model, ids: mx.array) -> mx.array:
+    """The first block's input, as the model's own forward pass makes it: the embedding rows,
+    times sqrt(hidden) rounded to bfloat16 for gemma3 (its model.model does that itself)."""
+    h = model.model.embed_tokens(ids)
+    if model.args.model_type == "gemma3_text":
+        h = h * mx.array(model.args.hidden_size ** 0.5, mx.bfloat16).astype(h.dtype)
+    return h
+
+
+def block_mask(model, layer, n: int, offset: int = 0):
+    """The attention mask of n positions after `offset` cached ones in this block: "causal",
+    unless the block is one of gemma3's sliding-window ones and its window binds."""
+    sliding = getattr(getattr(layer, "self_attn", None), "is_sliding", False)
+    window = getattr(model.model, "window_size", None) if sliding else None
+    if window is None or offset + n <= window:
+        return "causal"
+    return attention_mask(n, offset, window)
 
 
 HELD_OUT_STATES = ".held_out_states.safetensors"  # FrozenStates.spill's file in the run folder
@@ -154,23 +174,24 @@ def upper_blocks(model, h: mx.array, first: int, shared: int = 0) -> mx.array:
         opening = h[:1, :shared]
         caches = [Opening() for _ in layers]
         for layer, cache in zip(layers, caches):
-            opening = layer(opening, "causal", cache)
+            opening = layer(opening, block_mask(model, layer, shared), cache)
         h = h[:, shared:]
     for i, layer in enumerate(layers):
         kv = (caches[i].keys, caches[i].values) if shared else ()
+        mask = block_mask(model, layer, h.shape[1], shared)
         if i < remat:
-            h = checkpointed(layer, h, kv)
+            h = checkpointed(layer, h, kv, mask)
         else:
-            h = layer(h, "causal", Opening(*kv) if kv else None)
+            h = layer(h, mask, Opening(*kv) if kv else None)
     if shared:
         h = mx.concatenate([mx.broadcast_to(opening, (batch, shared, dim)), h], axis=1)
     return model.model.norm(h)
 
 
-def checkpointed(layer, h: mx.array, kv=()) -> mx.array:
+def checkpointed(layer, h: mx.array, kv=(), mask="causal") -> mx.array:
     def run(params, x, *kv):
         layer.update(params)
-        return layer(x, "causal", Opening(*kv) if kv else None)
+        return layer(x, mask, Opening(*kv) if kv else None)
 
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *kv)
 
@@ -184,10 +205,15 @@ def opening_shared(frozen: FrozenStates) -> int:
     return frozen.shared if on_cpu() else 0
 
 
+# Architectures whose forward pass the split above reproduces (embed_tokens, with gemma3's
+# scale -> blocks called as layer(h, mask, cache), with gemma3's sliding-window masks -> norm).
+FROZEN_SPLIT_TYPES = ("llama", "qwen2", "gemma3_text")
+
+
 def frozen_prefix_supported(model) -> bool:
-    """The llama family's layout (embed_tokens -> layers -> norm), which the split above follows."""
+    """Whether frozen.py can split this model's forward pass (else the trainer runs it whole)."""
     inner = getattr(model, "model", None)
-    return (getattr(getattr(model, "args", None), "model_type", None) == "llama"
+    return (getattr(getattr(model, "args", None), "model_type", None) in FROZEN_SPLIT_TYPES
             and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")))
 
 

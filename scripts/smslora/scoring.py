@@ -41,7 +41,11 @@ def encode_prompt(tokenizer, message: str, max_tokens: int = MAX_PROMPT_TOKENS) 
         return ids
     frame = len(tokenizer.encode(format_prompt("")))
     keep = max(max_tokens - frame - 2, 1)
-    cut = tokenizer.decode(tokenizer.encode(message)[:keep])
+    own = tokenizer.encode(message)
+    lead = tokenizer.encode("")  # what the tokenizer puts before any text: Gemma's BOS, or none
+    if lead and own[: len(lead)] == lead:
+        own = own[len(lead):]  # decoded, it would put a BOS inside the prompt
+    cut = tokenizer.decode(own[:keep])
     return tokenizer.encode(format_prompt(cut))[:max_tokens]
 
 
@@ -52,16 +56,22 @@ def hidden_states(model, inputs: mx.array) -> mx.array:
 
 def project(model, h: mx.array) -> mx.array:
     """Vocabulary logits for hidden states h (tied or untied output layer)."""
-    if getattr(model, "lm_head", None) is not None and not model.args.tie_word_embeddings:
+    if not tied_output(model):
         return model.lm_head(h)
     return model.model.embed_tokens.as_linear(h)
+
+
+def tied_output(model) -> bool:
+    """Whether the output layer is the embedding: no lm_head, or a config that says so (gemma3's
+    has no such field: its lm_head is dropped when tied)."""
+    return (getattr(model, "lm_head", None) is None
+            or bool(getattr(model.args, "tie_word_embeddings", False)))
 
 
 def output_weight(model):
     """The output layer's (vocabulary, hidden) matrix when it is a plain float matrix (tied to the
     embedding or not), else None (a 4-bit layer, or one with a bias)."""
-    tied = getattr(model, "lm_head", None) is None or model.args.tie_word_embeddings
-    head = model.model.embed_tokens if tied else model.lm_head
+    head = model.model.embed_tokens if tied_output(model) else model.lm_head
     if hasattr(head, "scales") or "bias" in head:
         return None
     return head.weight
@@ -89,6 +99,17 @@ def prompt_prefix_ids(tokenizer) -> list[int]:
     return tokenizer.encode(PROMPT.split("{text}")[0].rstrip(" "))
 
 
+def attention_mask(n: int, offset: int = 0, window: int | None = None, return_array: bool = False):
+    """The causal mask of n queries after `offset` cached positions: the string "causal" (what
+    mlx-lm passes without a cache, the fast kernel's own) unless a window of `window` positions
+    binds, then the boolean (n, offset + n) array."""
+    from mlx_lm.models.base import create_causal_mask
+
+    if return_array or (window is not None and offset + n > window):
+        return create_causal_mask(n, offset, window_size=window)
+    return "causal" if n > 1 else None
+
+
 class Opening:
     """A layer's keys and values of the prompt's opening, which every message shares (mlx-lm's
     cache interface, differentiable): the first call stores the opening's own (a batch of one);
@@ -98,6 +119,11 @@ class Opening:
     def __init__(self, keys=None, values=None):
         self.keys, self.values = keys, values
         self.offset = 0 if keys is None else keys.shape[2]
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        """mlx-lm's attention mask for n new positions after the opening: "causal" as without
+        a cache, unless a sliding window (gemma3's local layers) binds within them."""
+        return attention_mask(n, self.offset, window_size, return_array)
 
     def update_and_fetch(self, keys, values):
         if self.keys is None:
