@@ -61,7 +61,7 @@ def test_llama_cpp_scores_the_real_model_like_mlx(tmp_path, baseline, f16, sampl
 
 @needs_peft
 def test_transformers_peft_scores_the_real_adapter_like_mlx(tmp_path, baseline, sample):
-    adapter = check.random_adapter(baseline, tmp_path / "adapters", num_layers=4, b_std=0.01)
+    adapter = check.random_adapter(baseline, tmp_path / "adapters", num_layers=4, b_std=0.1)
     export("--peft", "--adapter-path", adapter, "--out", tmp_path / "peft",
            "--base-id", "HuggingFaceTB/SmolLM2-135M-Instruct")
     hf_base = check.write_hf_base(baseline, tmp_path / "hf_base")
