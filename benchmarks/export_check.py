@@ -97,6 +97,8 @@ def main(argv=None):
     p.add_argument("--adapter-path", type=Path, default=ADAPTERS_DIR)
     p.add_argument("--data", type=Path, default=DATA_DIR)
     p.add_argument("--limit", type=int, default=0, help="first N test messages (0: all)")
+    p.add_argument("--peft-limit", type=int, default=200,
+                   help="messages for the PEFT check (PyTorch scores one at a time; 0: all)")
     p.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=["f16", "q8_0"])
     p.add_argument("--threads", type=int, default=None,
                    help="llama.cpp's threads (default: every core)")
@@ -129,7 +131,8 @@ def run_checks(args) -> int:
                 args.threads))
         if "peft" not in args.skip:
             python = need(check.TORCH_VENV, "peft", "torch")
-            results["peft"] = peft_row(args.base, args.adapter_path, messages,
+            some = messages[: args.peft_limit] if args.peft_limit else messages
+            results["peft"] = peft_row(args.base, args.adapter_path, some,
                                        read_threshold(args.adapter_path), python, Path(tmp))
     for part in [*results.get("gguf", []), results.get("peft") or {}]:
         for d in part.get("disagreements", []):
