@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,14 @@ from pathlib import Path
 import _project  # noqa: F401  (scripts/ on sys.path)
 from smslora import cli
 from smslora.errors import UserError
-from smslora.paths import ADAPTERS_DIR, BASELINE_DIR, DATA_DIR, FUSED_DIR, REPORTS_DIR, ROOT
+from smslora.paths import (
+    ADAPTERS_DIR,
+    BASELINE_DIR,
+    DATA_DIR,
+    FUSED_DIR,
+    REPORTS_DIR,
+    ROOT,
+)
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # compiles llama.cpp at install
 TORCH = "torch==2.13.0"  # a CPU wheel on this machine's disk; PyPI's default pulls CUDA

@@ -9,7 +9,6 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import run_script
 from smslora import artifacts, fuse
 from smslora.commands import export as export_cmd

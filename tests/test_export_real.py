@@ -4,7 +4,6 @@ transformers + PEFT as in MLX (those two skip when their environments are missin
 
 import gguf
 import pytest
-
 from smslora import artifacts, bases
 from smslora.convert.to_mlx import convert_gguf
 from smslora.export import check, step

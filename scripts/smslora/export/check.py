@@ -38,13 +38,13 @@ def consumer_python(venv: Path, module: str) -> Path | None:
     if not python.is_file():
         return None
     ok = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True,
-                        timeout=120).returncode == 0
+                        timeout=120, check=False).returncode == 0
     return python if ok else None
 
 
 def run_runner(python: Path, runner: Path, request: dict, timeout: int = 3600) -> dict:
     r = subprocess.run([str(python), "-I", str(runner)], input=json.dumps(request), text=True,
-                       capture_output=True, timeout=timeout)
+                       capture_output=True, timeout=timeout, check=False)
     if r.returncode != 0:
         tail = " | ".join(r.stderr.strip().splitlines()[-3:])
         raise UserError(f"{runner.name} failed under {python}: {tail[:400]}")

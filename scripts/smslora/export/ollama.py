@@ -20,8 +20,8 @@ def modelfile(gguf_file: str, label_tokens: int, threshold: float, stops=()) -> 
     stops: the end-of-text tokens."""
     lines = [
         "# SMS spam classifier: `ollama create sms-spam -f Modelfile`, then",
-        "# `ollama run sms-spam \"WINNER!! Claim your prize now\"` answers"
-        f" {COMPLETIONS['spam'].strip()!r} or {COMPLETIONS['ham'].strip()!r}.",
+        ("# `ollama run sms-spam \"WINNER!! Claim your prize now\"` answers"
+         f" {COMPLETIONS['spam'].strip()!r} or {COMPLETIONS['ham'].strip()!r}."),
         f"# The project calls a message spam when P(spam) > {threshold:g}; Ollama's greedy",
         "# answer is the verdict at 0.5 (docs/export.md).",
         f"FROM ./{gguf_file}",

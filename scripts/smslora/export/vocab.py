@@ -84,11 +84,11 @@ def add_tokenizer(writer, model_dir: Path, n_vocab: int) -> str:
     tok = read_tokenizer(model_dir)
     path = Path(model_dir) / "tokenizer_config.json"
     try:
-        if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
-            raise ValueError
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a JSON object: re-run the step that wrote the model") \
-            from None
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object: re-run the step that wrote the model")
     pre = pre_tokenizer_name(tok)
     tokens, types = vocabulary(tok, n_vocab)
     writer.add_tokenizer_model("gpt2")
