@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -251,11 +252,24 @@ def train(model, optimizer, step, batch_at: Callable[[int], tuple],
                     save_checkpoint(run_dir, snap, cfg)
                     log(f"Iter {it}: Saved adapter weights to {it:07d}_adapters.safetensors "
                         "and a checkpoint")
+    except RuntimeError as e:
+        if ranks is None or ranks.size == 1:
+            raise
+        # a collective failed: a peer is gone (mlx.launch will stop this process too)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if writes:
+            save_checkpoint(run_dir, snap, cfg)
+        raise UserError(f"rank {ranks.rank}: the distributed job lost a process "
+                        f"({str(e).splitlines()[0][:120]}); " + (
+                            f"checkpoint after iteration {snap['step']} saved in "
+                            f"{run_dir / CHECKPOINT}: continue with --resume" if writes else
+                            "rank 0 keeps the checkpoint")) from None
     except KeyboardInterrupt:
         if not writes:
             raise
         save_checkpoint(run_dir, snap, cfg)
         if ranks is not None and ranks.size > 1:  # mlx.launch stops the job when a rank ends
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise UserError(f"rank 0: stopped (another process of the distributed job ended, "
                             f"or Ctrl-C); checkpoint after iteration {snap['step']} saved in "
                             f"{run_dir / CHECKPOINT}: continue with --resume") from None
