@@ -62,3 +62,17 @@ def make_tiny_model(path: Path, quantize: bool = False, seed: int = 0, **overrid
     save_model(path, model)
     save_config(config, config_path=path / "config.json")
     return path
+
+
+def strengthen_adapters(ad: Path) -> Path:
+    """Random LoRA B matrices in a trained run folder, so the adapter visibly changes the
+    logits (a tiny run's near-zero B would make parity checks vacuous); checksums re-recorded."""
+    from smslora import artifacts
+
+    weights = mx.load(str(ad / "adapters.safetensors"))
+    mx.random.seed(3)
+    weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
+               for k, v in weights.items()}
+    mx.save_safetensors(str(ad / "adapters.safetensors"), weights)
+    artifacts.write_checksums(ad, "scripts/03_train.py")  # a deliberate edit: record it
+    return ad

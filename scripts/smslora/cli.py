@@ -15,8 +15,13 @@ def add_model_args(parser, default_model: Path, what: str = "the fused model") -
                         help=f"model folder (default: {what})")
     parser.add_argument("--adapter-path", type=Path, default=None,
                         help="LoRA adapters on top of --model (the tutorial's 'purest' mode)")
+    add_trust_arg(parser)
+
+
+def add_trust_arg(parser, what: str = "a model folder") -> None:
+    """--trust-remote-code: off, a folder that asks to run its own Python is refused."""
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model folder to run its own Python code (off: refused)")
+                        help=f"allow {what} to run its own Python code (off: refused)")
 
 
 def add_threshold_arg(parser) -> None:

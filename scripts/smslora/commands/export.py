@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base_model_name_or_path for --peft (default: the Hugging Face id of the "
                         "adapter's base, from its source.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it is an earlier export")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder to run its own Python code (off: refused)")
+    cli.add_trust_arg(p, "the model folder")
     return p
 
 

@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="04_evaluate's report of base + these adapters (e.g. "
                         "reports/eval_retrained.json): its test logits stand for the adapter "
                         "side of the check when it scored the same weights and messages")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder to run its own Python code (off: refused)")
+    cli.add_trust_arg(p, "the model folder")
     return p
 
 

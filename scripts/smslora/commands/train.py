@@ -17,8 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configs/NAME.yaml or a YAML path (default: 'default')")
     add_config_args(p)
     p.add_argument("--reports", type=Path, default=REPORTS_DIR, help="where curves go")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder to run its own Python code (off: refused)")
+    cli.add_trust_arg(p, "the model folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of --adapter-path from its last checkpoint "
                         "(its settings are the checkpoint's)")
