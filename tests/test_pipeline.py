@@ -316,9 +316,26 @@ def test_pipeline_steps_are_the_commands_they_show():
     steps = default_steps()
     assert [s.name for s in steps] == ["download", "prepare", "eval-base", "stress-base",
                                        "train", "baselines", "eval-lora", "fuse", "stress-fused"]
-    assert steps[4].command == "03_train.py --config default"
+    assert steps[4].command == "03_train.py"  # the base model's own recipe
     assert default_steps("seed", resume=True)[4].command == "03_train.py --config seed --resume"
     assert steps[7].command == "06_fuse.py --reuse reports/eval_retrained.json"
+
+
+@pytest.mark.parametrize("source, want", [
+    ({"base": "gemma3-270m"}, "gemma3-270m"),  # a registered base with a recipe of its own
+    ({"base": "smollm2-135m"}, "default"),  # SmolLM2's recipe is default.yaml
+    ({"base": "../default"}, "default"),  # a name is never a path
+    ({"source": "hub"}, "default"),
+    (None, "default"),  # no source.json
+    ("[not json", "default"),
+])
+def test_training_uses_the_base_models_own_recipe_unless_told(tmp_path, source, want):
+    from smslora.config import default_config_name
+
+    if source is not None:
+        text = source if isinstance(source, str) else json.dumps(source)
+        (tmp_path / "source.json").write_text(text)
+    assert default_config_name(tmp_path) == want
 
 
 def test_one_process_pipeline_stops_at_the_first_failing_step(tmp_path, tiny_model, data_dir,
@@ -378,3 +395,42 @@ def test_scoring_batches_trade_padding_against_passes():
                    for b in batches)
         def cost(bs): return sum(32 + len(b) * max(lengths[i] for i in b) for b in bs)
         assert cost(batches) <= cost(list(scoring.length_batches(lengths, size, budget)))
+
+
+def test_probe_learns_from_the_hidden_state_the_label_logits_come_from(tmp_path, tiny_model,
+                                                                      data_dir):
+    """04 --probe: logistic regression on the base model's final hidden state at the prompt's
+    last position (the very vector the two label logits are read from), trained on the rows
+    the adapters name, scored like the other baselines, its C chosen on the held-out sets."""
+    from smslora import probe
+    from smslora.model import load_model
+
+    model, tokenizer = load_model(tiny_model)
+    messages = [r["message"] for r in artifacts.read_jsonl(data_dir / "test.jsonl")[:24]]
+    h = scoring.features(model, tokenizer, messages)
+    assert h.shape == (24, model.args.hidden_size)
+    pair = scoring.label_pair(tokenizer)
+    np.testing.assert_allclose(
+        np.array(scoring.label_logits(model, mx.array(h), pair)),
+        scoring.score_logits(model, tokenizer, messages), atol=1e-4)
+
+    adapters = tmp_path / "adapters"  # only its training file matters to the probe
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text(json.dumps({"train_file": "train.jsonl"}))
+    r = run_script("04_evaluate.py", "--probe", "--model", tiny_model, "--adapter-path",
+                   adapters, "--data", data_dir, "--out", tmp_path / "reports")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "reports" / f"eval_{probe.probe_name(tiny_model)}.json")
+                        .read_text())
+    assert report["train_file"] == "train.jsonl" and report["C"] in probe.C_GRID
+    assert report["features"] == model.args.hidden_size and report["stress_messages"] == 70
+    assert report["test"]["messages"] == 1031
+    held = report["held_out"]
+    assert (held["collection"]["messages"], held["modern"]["messages"]) == (640, 200)
+    assert report["held_out_errors"] == sum(h["wrong"]["ham_flagged"] + h["wrong"]["spam_missed"]
+                                            for h in held.values())
+    assert f"[{report['name']}] trained on train.jsonl" in r.stdout
+
+    r = run_script("04_evaluate.py", "--probe", "--tfidf", "--out", tmp_path / "both")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:")
+    assert not (tmp_path / "both").exists()

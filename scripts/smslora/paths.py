@@ -27,6 +27,7 @@ CHECKSUMS = "checksums.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTERS_FILE = "adapters.safetensors"
 METRICS_FILE = "metrics.json"  # a fused folder's own test figures (step 6), which the server reports
+SOURCE_FILE = "source.json"  # where step 1 got a base folder from (its "base": the registry name)
 
 # Files in data/ (step 2) and reports/ (steps 3-6 and the report).
 SPLIT_MANIFEST = "split.json"

@@ -34,20 +34,22 @@ def relative(path: Path) -> Path:
     return Path(path).relative_to(ROOT)
 
 
-def default_steps(config: str = "default", resume: bool = False,
+def default_steps(config: str | None = None, resume: bool = False,
                   base: str | None = None) -> list[Step]:
-    """runme.sh's pipeline, in order."""
+    """runme.sh's pipeline, in order. config=None: the base model's own recipe (step 3's
+    default, decided once step 1 has made the base folder)."""
     from . import baselines, evaluate, finetune, fuse, splits, stress
     from .convert.step import make_baseline
     from .checkpoint import resume_config
-    from .config import load_config
+    from .config import default_config_name, load_config
 
     base_dir, adapters, fused = relative(BASELINE_DIR), relative(ADAPTERS_DIR), relative(FUSED_DIR)
     data, reports, suite = relative(DATA_DIR), relative(REPORTS_DIR), relative(STRESS_SUITE)
 
     def train():
         cfg, checkpoint = (resume_config(config, {}) if resume
-                           else (load_config(config, {}), None))
+                           else (load_config(config or default_config_name(base_dir), {}),
+                                 None))
         return finetune.run(cfg, reports, checkpoint)
 
     return [
@@ -58,7 +60,8 @@ def default_steps(config: str = "default", resume: bool = False,
              lambda: evaluate.run(base_dir, None, data, "baseline", reports)),
         Step("stress-base", f"05_stress_test.py --model {base_dir} --name baseline",
              lambda: stress.run(base_dir, None, suite, "baseline", reports)),
-        Step("train", f"03_train.py --config {config}" + (" --resume" if resume else ""), train),
+        Step("train", "03_train.py" + (f" --config {config}" if config else "")
+             + (" --resume" if resume else ""), train),
         Step("baselines", "04_evaluate.py --tfidf",
              lambda: baselines.run(adapters, data, reports)),
         Step("eval-lora", f"04_evaluate.py --model {base_dir} --adapter-path {adapters} "

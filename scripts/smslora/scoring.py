@@ -207,23 +207,21 @@ def _cheapest_batches(lengths: np.ndarray, batch_size: int, budget: int, pass_to
         yield order[a:b]
 
 
-def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32,
-                 share: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
+def last_positions(model, tokenizer, messages: list[str], batch_size: int = 32,
+                   share: tuple[int, int] = (0, 1)):
+    """(indices, final-norm hidden states at each prompt's last position) per forward pass.
 
     One forward pass per message, batched by similar length. The prompt's opening, the same for
     every message, is computed once and its keys/values are reused by every batch.
-    share=(rank, size): only every size-th batch from the rank-th is computed (the other rows
-    stay 0), so that `size` processes summing their results get exactly one process's numbers:
-    the same batches, of the same messages, whoever computes them."""
+    share=(rank, size): only every size-th batch from the rank-th is computed, so that `size`
+    processes get exactly one process's batches between them: the same batches, of the same
+    messages, whoever computes them."""
     rank, size = share
-    pair = label_pair(tokenizer)
     encoded = [encode_prompt(tokenizer, m) for m in messages]
     prefix = prompt_prefix_ids(tokenizer)
     shared = len(prefix) if all(e[: len(prefix)] == prefix and len(e) > len(prefix)
                                 for e in encoded) else 0
     opening = _prefix_cache(model, prefix) if shared else None
-    out = np.zeros((len(messages), 2), dtype=np.float32)
     for k, idx in enumerate(length_batches([len(e) - shared for e in encoded], batch_size,
                                             pass_tokens=PASS_TOKENS)):
         if k % size != rank:
@@ -231,10 +229,31 @@ def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32,
         ids, lengths = pad_batch([encoded[i][shared:] for i in idx])
         cache = [Opening(c.keys, c.values) for c in opening] if shared else None
         h = model.model(mx.array(ids), cache=cache)
-        last = mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
-        logits = label_logits(model, last, pair)
-        out[idx] = np.array(logits.astype(mx.float32))
+        yield idx, mx.take_along_axis(h, mx.array(lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+def score_logits(model, tokenizer, messages: list[str], batch_size: int = 32,
+                 share: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Last-position logits of the first token of ' spam' and of ' not spam', shape (n, 2).
+    share: as in last_positions (the rows of the batches another rank computes stay 0, so that
+    summing every rank's result gives one process's numbers)."""
+    pair = label_pair(tokenizer)
+    out = np.zeros((len(messages), 2), dtype=np.float32)
+    for idx, last in last_positions(model, tokenizer, messages, batch_size, share):
+        out[idx] = np.array(label_logits(model, last, pair).astype(mx.float32))
     return out
+
+
+def features(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:
+    """The final-norm hidden state at each prompt's last position, shape (n, hidden): what the
+    output layer turns into the label logits, and what a frozen-feature probe learns from."""
+    out = None
+    for idx, last in last_positions(model, tokenizer, messages, batch_size):
+        last = np.array(last.astype(mx.float32))
+        if out is None:
+            out = np.zeros((len(messages), last.shape[-1]), dtype=np.float32)
+        out[idx] = last
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def p_spam(model, tokenizer, messages: list[str], batch_size: int = 32) -> np.ndarray:

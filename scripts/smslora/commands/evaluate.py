@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tfidf", action="store_true",
                    help="evaluate the TF-IDF baselines on the training rows of --adapter-path "
                         "(default models/retrained/adapters) instead of a model")
+    p.add_argument("--probe", action="store_true",
+                   help="evaluate a frozen-feature probe instead: logistic regression on "
+                        "--model's final hidden state (no fine-tuning), trained on the training "
+                        "rows of --adapter-path -> reports/eval_probe-<base>.json")
     return p
 
 
@@ -30,6 +34,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    if args.tfidf and args.probe:
+        raise UserError("--tfidf and --probe are two runs: give one")
+    if args.probe:
+        from .. import probe
+
+        probe.run(args.model, args.adapter_path or ADAPTERS_DIR, args.data, args.out,
+                  args.trust_remote_code)
+        return
     if args.tfidf:
         from .. import baselines
 

@@ -14,7 +14,9 @@ DESCRIPTION = "Steps 1-6 and the report, in order, in one Python process: what `
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION)
-    p.add_argument("--config", default="default", help="training config (configs/NAME.yaml)")
+    p.add_argument("--config", default=None,
+                   help="training config (configs/NAME.yaml; default: the base model's own, "
+                        "configs/BASE.yaml, if it has one, else 'default')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     p.add_argument("--base", default=None, help="base model to start from (step 1's --base)")
     p.add_argument("--timings", type=Path, default=REPORTS_DIR / ".timings.tsv")

@@ -1,0 +1,83 @@
+"""The frozen-feature baseline: logistic regression on a base model's own final hidden state at
+the prompt's last position, with no fine-tuning at all: how far the base model's features go
+before LoRA changes them. Trained on exactly the LoRA model's training rows; its one setting
+(the regularisation C) is chosen on the held-out sets, as the LoRA recipe is."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import read_split
+from .baselines import held_out_rows, log_result, measure, training_file
+from .errors import require_model
+from .metrics import spam_labels
+from .paths import SOURCE_FILE
+from .task import is_spam
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried, on standardised features
+THRESHOLD = 0.5
+
+
+def probe_name(model_dir: Path) -> str:
+    """probe-<base>: the registry name step 1 recorded, else the folder's name."""
+    try:
+        base = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return f"probe-{base if isinstance(base, str) and base else Path(model_dir).resolve().name}"
+
+
+def fit(x: np.ndarray, y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray):
+    """The probe with the fewest held-out errors over C_GRID (ties: the stronger regularisation);
+    returns (pipeline, C, held-out errors)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    best = None
+    for c in C_GRID:
+        clf = make_pipeline(StandardScaler(),
+                            LogisticRegression(C=c, max_iter=5000, class_weight="balanced"))
+        clf.fit(x, y)
+        errors = int(np.sum(is_spam(clf.predict_proba(held_x)[:, 1], THRESHOLD) != held_y))
+        if best is None or errors < best[2]:
+            best = (clf, c, errors)
+    return best
+
+
+def run(model_dir: Path, adapter_path: Path, data_dir: Path, out_dir: Path,
+        trust_remote_code: bool = False, log=print) -> dict:
+    """Step 4's --probe: the probe of model_dir's features, trained on the rows the adapters in
+    adapter_path were trained on -> reports/eval_probe-<base>.json."""
+    from .model import load_model
+    from .scoring import features
+
+    require_model(model_dir)
+    train_file = training_file(adapter_path)
+    train = read_split(Path(data_dir) / train_file)
+    held = [r for rows in held_out_rows(Path(data_dir)).values() for r in rows]
+    tic = time.perf_counter()
+    model, tokenizer = load_model(Path(model_dir), trust_remote_code=trust_remote_code)
+    cache: dict[str, np.ndarray] = {}
+
+    def feats(texts: list[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            for t, f in zip(missing, features(model, tokenizer, missing)):
+                cache[t] = f
+        return np.stack([cache[t] for t in texts])
+
+    clf, c, held_errors = fit(feats([r["message"] for r in train]), spam_labels(train),
+                              feats([r["message"] for r in held]), spam_labels(held))
+    name = probe_name(model_dir)
+    result = measure(name, f"logistic regression (C={c:g}) on {Path(model_dir).name}'s final "
+                     "hidden state", train_file, lambda texts: clf.predict_proba(feats(texts))[:, 1],
+                     THRESHOLD, Path(data_dir), Path(out_dir), C=c, held_out_errors=held_errors,
+                     features=int(next(iter(cache.values())).shape[-1]),
+                     seconds=round(time.perf_counter() - tic, 1))
+    log_result(result, log)
+    return result
