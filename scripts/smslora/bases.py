@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .paths import SOURCE_FILE
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,16 @@ def get(name: str) -> Base:
     if name not in BASES:
         raise UserError(f"unknown base {name!r}: choose one of {', '.join(BASES)}")
     return BASES[name]
+
+
+def recorded_base(folder: Path) -> str | None:
+    """The registry name of the base a model folder was made from, as step 1 recorded it in
+    its source.json; None for a folder from elsewhere."""
+    try:
+        base = json.loads((Path(folder) / SOURCE_FILE).read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def base_of(path: Path) -> Base | None:

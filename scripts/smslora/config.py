@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .paths import ADAPTERS_DIR, BASELINE_DIR, CONFIGS_DIR, DATA_DIR, SOURCE_FILE
+from .paths import ADAPTERS_DIR, BASELINE_DIR, CONFIGS_DIR, DATA_DIR
 from .task import MAX_PROMPT_TOKENS
 
 
@@ -79,12 +78,10 @@ def default_config_name(model_dir: str | Path) -> str:
     """The recipe a base model trains with when no --config is given: configs/BASE.yaml for a
     folder step 1 made from a registered base that has its own recipe (source.json's "base"),
     else configs/default.yaml (SmolLM2-135M's)."""
-    source = Path(model_dir) / SOURCE_FILE
-    try:
-        base = json.loads(source.read_text(encoding="utf-8")).get("base")
-    except (OSError, ValueError, AttributeError):
-        return "default"
-    if isinstance(base, str) and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", base) \
+    from .bases import recorded_base
+
+    base = recorded_base(Path(model_dir))
+    if base and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", base) \
             and (CONFIGS_DIR / f"{base}.yaml").is_file():
         return base
     return "default"

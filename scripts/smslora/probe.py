@@ -5,17 +5,16 @@ before LoRA changes them. Trained on exactly the LoRA model's training rows; its
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .artifacts import read_split
+from .bases import recorded_base
 from .baselines import held_out_rows, log_result, measure, training_file
 from .errors import require_model
 from .metrics import spam_labels
-from .paths import SOURCE_FILE
 from .task import is_spam
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried, on standardised features
@@ -24,11 +23,7 @@ THRESHOLD = 0.5
 
 def probe_name(model_dir: Path) -> str:
     """probe-<base>: the registry name step 1 recorded, else the folder's name."""
-    try:
-        base = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8")).get("base")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    return f"probe-{base if isinstance(base, str) and base else Path(model_dir).resolve().name}"
+    return f"probe-{recorded_base(model_dir) or Path(model_dir).resolve().name}"
 
 
 def fit(x: np.ndarray, y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray):

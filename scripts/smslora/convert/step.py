@@ -37,8 +37,12 @@ def make_baseline(out: Path, base: str | None = None, gguf: Path | None = None,
     out = Path(out).resolve()
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     if (out / "config.json").exists() and not force:
-        print(f"{shown} already present (pass --force to re-create it)")
-        return 0
+        held = bases.recorded_base(out)
+        if base is None or held == base:
+            print(f"{shown} already present (pass --force to re-create it)")
+            return 0
+        # another base asked for by name (runme.sh --base): the folder is step 1's to remake
+        print(f"{shown} holds {held or 'a model from elsewhere'}: replacing it with base {base}")
     if hf_repo and dtype:
         raise UserError("--dtype applies to GGUF sources, not to --hf-repo (an MLX model as is)")
     # Check the source before atomic_dir creates anything (parent folders included).
