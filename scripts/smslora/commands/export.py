@@ -15,8 +15,9 @@ DESCRIPTION = ("Step 9: export the classifier for llama.cpp / Ollama (GGUF + Mod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION)
     p.add_argument("--model", type=Path, default=FUSED_DIR,
-                   help="model folder for --gguf: float32 or 4-bit, llama (default: the fused "
-                        "classifier, models/retrained/fused)")
+                   help="model folder for --gguf: float32 or quantized, llama (SmolLM2) or "
+                        "gemma3 (Gemma 3) (default: the fused classifier, "
+                        "models/retrained/fused)")
     p.add_argument("--out", type=Path, required=True, help="export folder (new, or --force)")
     p.add_argument("--gguf", choices=["f16", "q8_0"], default=None,
                    help="write the model as one GGUF file of this type, with an Ollama Modelfile "

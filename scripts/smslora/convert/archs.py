@@ -114,8 +114,7 @@ def exact_embedding_scale(weights: dict, hidden: int) -> None:
     itself (25.2982), which moves logits by up to 0.03. The embedding rows are scaled by the
     ratio, and the final norm's factor (1 + w) divided by it: the output layer is the same
     (tied) embedding, so the logits are unchanged (to float32 rounding)."""
-    exact = hidden ** 0.5
-    ratio = exact / mx.array(exact, dtype=mx.bfloat16).item()
+    ratio = embedding_scale_ratio(hidden)
     if ratio == 1.0:
         return
     parts = ["scales", "biases"] if "model.embed_tokens.scales" in weights else ["weight"]
@@ -124,6 +123,12 @@ def exact_embedding_scale(weights: dict, hidden: int) -> None:
             mx.float32) * ratio
     norm = weights["model.norm.weight"].astype(mx.float32)
     weights["model.norm.weight"] = (1 + norm) / ratio - 1
+
+
+def embedding_scale_ratio(hidden: int) -> float:
+    """sqrt(hidden) over mlx-lm's gemma3_text embedding scale (sqrt(hidden) in bfloat16)."""
+    exact = hidden ** 0.5
+    return exact / mx.array(exact, dtype=mx.bfloat16).item()
 
 
 def rope_scaling(meta: dict, arch: Arch) -> dict | None:

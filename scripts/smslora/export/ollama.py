@@ -15,6 +15,15 @@ def template() -> str:
     return PROMPT.replace("{text}", "{{ .Prompt }}")
 
 
+def stop_tokens(tokenizer) -> list[str]:
+    """The tokens that end a text for the model's tokenizer (mlx-lm's eos_token_ids: SmolLM2's
+    <|im_end|>, Gemma's <eos>, and any end-of-turn token its generation config adds)."""
+    ids = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
+    if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = [tokenizer.eos_token_id]
+    return [t for t in tokenizer.convert_ids_to_tokens(ids) if t and '"' not in t]
+
+
 def modelfile(gguf_file: str, label_tokens: int, threshold: float, stops=()) -> str:
     """The Modelfile's text. label_tokens: tokens of the longest completion (' not spam');
     stops: the end-of-text tokens."""

@@ -1,6 +1,6 @@
 """The model folder an export reads: checked to be a project model of an architecture the GGUF
-writer knows, then loaded strictly (smslora.model) and handed over as float32 arrays under
-mlx-lm's names."""
+writer knows (archs.py), then loaded strictly (smslora.model) and handed over as float32 arrays
+under mlx-lm's names."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-
-# config.json values llama.cpp's llama graph computes the same way; anything else is refused.
-LLAMA_AS_IS = {"hidden_act": ("silu", None), "attention_bias": (False, None),
-               "mlp_bias": (False, None), "rope_scaling": (None,), "rope_traditional": (False, None)}
+from . import archs
 
 
 def read_config(model_dir: Path) -> dict:
@@ -41,22 +38,20 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def check_llama(config: dict, model_dir: Path) -> None:
-    """The GGUF export writes llama.cpp's `llama` architecture (SmolLM2); other model types and
-    llama variants whose graph differs are refused before anything is loaded."""
+def target(config: dict, model_dir: Path) -> archs.Target:
+    """The architecture the GGUF export writes for this model (archs.TARGETS); other model
+    types, and variants whose graph llama.cpp would compute differently, are refused before
+    anything is loaded."""
     kind = config.get("model_type")
-    if kind != "llama":
-        raise UserError(f"{model_dir} holds a {kind!r} model: the GGUF export supports llama "
-                        "(SmolLM2) only; --peft exports the adapter of any base")
-    odd = [f"{k}={config[k]!r}" for k, allowed in LLAMA_AS_IS.items()
-           if k in config and config[k] not in allowed]
-    heads = config.get("num_attention_heads", 0)
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)
-    if head_dim * heads != config.get("hidden_size"):
-        odd.append(f"head_dim={head_dim}")
+    if kind not in archs.TARGETS:
+        raise UserError(f"{model_dir} holds a {kind!r} model: the GGUF export writes "
+                        f"{archs.SUPPORTED}; --peft exports the adapter of any base")
+    found = archs.TARGETS[kind]
+    odd = archs.odd_values(found, config)
     if odd:
-        raise UserError(f"{model_dir}: a llama variant the GGUF export does not support "
+        raise UserError(f"{model_dir}: a {found.name} variant the GGUF export does not support "
                         f"({', '.join(odd)})")
+    return found
 
 
 def float_weights(model_dir: Path, trust_remote_code: bool = False):

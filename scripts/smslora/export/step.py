@@ -39,11 +39,12 @@ def check_out(out_dir: Path, force: bool) -> None:
 
 
 def parameter_count(config: dict) -> int:
-    """The llama's parameters, from its config (for the size of the file to come)."""
+    """The model's parameters, from its config (for the size of the file to come)."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads) * (config.get("head_dim") or h // heads)
-    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    dim = config.get("head_dim") or h // heads
+    q, kv = heads * dim, config.get("num_key_value_heads", heads) * dim
+    block = 2 * h * q + 2 * h * kv + 3 * h * i + 4 * h + 2 * dim
     head = 0 if config.get("tie_word_embeddings", True) else v * h
     return v * h + config["num_hidden_layers"] * block + h + head
 
@@ -105,11 +106,11 @@ def export_gguf(model_dir: Path, config: dict, tmp: Path, kind: str, trust_remot
     labels = label_token_ids(tokenizer)
     threshold = read_threshold(model_dir)
     log(f"writing {gguf_file(kind)} ({kind})")
-    info = gguf.write_gguf(weights, config, model_dir, tmp / gguf_file(kind), kind, NAME)
+    info = gguf.write_gguf(weights, config, model_dir, tmp / gguf_file(kind), kind, NAME,
+                           tokenizer)
     info["sha256"] = sha256(tmp / gguf_file(kind))
-    eos = getattr(tokenizer, "eos_token", None)
     atomic_write_text(tmp / MODELFILE, ollama.modelfile(
         gguf_file(kind), max(len(ids) for ids in labels.values()), threshold,
-        stops=[eos] if eos else []))
+        stops=ollama.stop_tokens(tokenizer)))
     return {"model": str(model_dir), "gguf": info, "label_token_ids": labels,
             "threshold": threshold}

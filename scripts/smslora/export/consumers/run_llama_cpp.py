@@ -4,12 +4,14 @@ tokenizes and evaluates it.
 
 Reads a JSON request on stdin: {"gguf": PATH, "texts": [...], "eval_ids": [[...], ...],
 "label_ids": [spam, ham], "threads": n, "repack": false}; writes one JSON line: {"ids": llama.cpp's tokens of
-each text (special tokens parsed, no BOS added, as the model's own tokenizer does),
+each text (special tokens parsed; BOS and EOS added where the file says so, as the model's own
+tokenizer adds them: Gemma's BOS),
 "logits": [[spam, ham], ...] at the last position of each eval_ids, "seconds": the evaluation's
 wall time, "add_bos": what the file tells llama.cpp}.
 
 The prompt's shared opening is evaluated once and kept in the KV cache: each message then costs
-only its own tokens, as llama.cpp's server does with its prompt cache.
+only its own tokens, as llama.cpp's server does with its prompt cache. The sliding-window layers
+(Gemma 3) keep every position (swa_full) so that the cache can go back to that opening.
 """
 
 import json
@@ -58,8 +60,9 @@ def main() -> None:
     threads = req.get("threads") or os.cpu_count()
     llm = llama_cpp.Llama(model_path=req["gguf"], n_ctx=longest + 8, n_batch=longest + 8,
                           n_threads=threads, n_threads_batch=threads, logits_all=False,
-                          verbose=False)
-    ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in req["texts"]]
+                          swa_full=True, verbose=False)
+    # add_bos=True is llama.cpp's add_special: BOS only when the file's add_bos_token says so.
+    ids = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in req["texts"]]
     n_vocab = llm.n_vocab()
     label_ids = req["label_ids"]
     shared = common_prefix(seqs) if len(seqs) > 1 else 0
