@@ -2,6 +2,7 @@
 before any test module imports mlx: the explicit entry point of the test run."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ import pytest  # noqa: E402
 from smslora import fastblas  # noqa: E402  (imports nothing heavy)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Tests send Ctrl-C (SIGINT) to the scripts they start. A shell that starts a job in the
+# background without job control (`cmd &`, nohup) makes it ignore SIGINT, and children inherit
+# that: Python then never raises KeyboardInterrupt. Give the scripts the usual disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config):
