@@ -427,8 +427,11 @@ def test_probe_learns_from_the_hidden_state_the_label_logits_come_from(tmp_path,
     assert report["test"]["messages"] == 1031
     held = report["held_out"]
     assert (held["collection"]["messages"], held["modern"]["messages"]) == (640, 200)
-    assert report["held_out_errors"] == sum(h["wrong"]["ham_flagged"] + h["wrong"]["spam_missed"]
-                                            for h in held.values())
+    fp = sum(h["wrong"]["ham_flagged"] for h in held.values())
+    fn = sum(h["wrong"]["spam_missed"] for h in held.values())
+    assert (report["valid_false_positives"], report["valid_false_negatives"]) == (fp, fn)
+    assert report["cost"] == pytest.approx(report["ham_weight"] * fp + fn)
+    assert held["collection"]["threshold"] == report["test"]["threshold"]  # one threshold
     assert f"[{report['name']}] trained on train.jsonl" in r.stdout
 
     r = run_script("04_evaluate.py", "--probe", "--tfidf", "--out", tmp_path / "both")

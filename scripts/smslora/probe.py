@@ -1,7 +1,8 @@
 """The frozen-feature baseline: logistic regression on a base model's own final hidden state at
 the prompt's last position, with no fine-tuning at all: how far the base model's features go
 before LoRA changes them. Trained on exactly the LoRA model's training rows; its one setting
-(the regularisation C) is chosen on the held-out sets, as the LoRA recipe is."""
+(the regularisation C) and its threshold are chosen on the held-out sets by the rule that
+chooses the LoRA model's threshold (fewest errors, false alarms weighted to the natural ratio)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from .bases import recorded_base
 from .baselines import held_out_rows, log_result, measure, training_file
 from .errors import require_model
 from .metrics import spam_labels
-from .task import is_spam
+from .threshold import choose_threshold, natural_ratio
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried, on standardised features
-THRESHOLD = 0.5
 
 
 def probe_name(model_dir: Path) -> str:
@@ -26,9 +26,10 @@ def probe_name(model_dir: Path) -> str:
     return f"probe-{recorded_base(model_dir) or Path(model_dir).resolve().name}"
 
 
-def fit(x: np.ndarray, y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray):
-    """The probe with the fewest held-out errors over C_GRID (ties: the stronger regularisation);
-    returns (pipeline, C, held-out errors)."""
+def fit(x: np.ndarray, y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray,
+        ham_weight: float) -> dict:
+    """The probe with the fewest weighted held-out errors over C_GRID, each with its threshold
+    chosen on the held-out sets by step 3's rule (ties: the stronger regularisation)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -38,9 +39,9 @@ def fit(x: np.ndarray, y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray):
         clf = make_pipeline(StandardScaler(),
                             LogisticRegression(C=c, max_iter=5000, class_weight="balanced"))
         clf.fit(x, y)
-        errors = int(np.sum(is_spam(clf.predict_proba(held_x)[:, 1], THRESHOLD) != held_y))
-        if best is None or errors < best[2]:
-            best = (clf, c, errors)
+        chosen = choose_threshold(clf.predict_proba(held_x)[:, 1], held_y, ham_weight)
+        if best is None or chosen["cost"] < best["cost"]:
+            best = {"model": clf, "C": c, **chosen}
     return best
 
 
@@ -66,12 +67,15 @@ def run(model_dir: Path, adapter_path: Path, data_dir: Path, out_dir: Path,
                 cache[t] = f
         return np.stack([cache[t] for t in texts])
 
-    clf, c, held_errors = fit(feats([r["message"] for r in train]), spam_labels(train),
-                              feats([r["message"] for r in held]), spam_labels(held))
-    name = probe_name(model_dir)
-    result = measure(name, f"logistic regression (C={c:g}) on {Path(model_dir).name}'s final "
-                     "hidden state", train_file, lambda texts: clf.predict_proba(feats(texts))[:, 1],
-                     THRESHOLD, Path(data_dir), Path(out_dir), C=c, held_out_errors=held_errors,
+    held_spam = spam_labels(held)
+    ham_weight = natural_ratio(Path(data_dir)) / (np.sum(~held_spam) / max(np.sum(held_spam), 1))
+    best = fit(feats([r["message"] for r in train]), spam_labels(train),
+               feats([r["message"] for r in held]), held_spam, ham_weight)
+    clf = best.pop("model")
+    result = measure(probe_name(model_dir), f"logistic regression (C={best['C']:g}) on "
+                     f"{Path(model_dir).name}'s final hidden state", train_file,
+                     lambda texts: clf.predict_proba(feats(texts))[:, 1], best.pop("threshold"),
+                     Path(data_dir), Path(out_dir), **best, ham_weight=ham_weight,
                      features=int(next(iter(cache.values())).shape[-1]),
                      seconds=round(time.perf_counter() - tic, 1))
     log_result(result, log)
