@@ -2,7 +2,6 @@
 ends with the same adapter as a run that was never interrupted."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 
 from ..errors import UserError
+from .tokens import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, tokens_by_id
 
 SPACE = "\u2581"  # SentencePiece's visible space
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>\Z")
-NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6  # gguf.TokenType
 FIXED_SCORES = {CONTROL: -1000.0, USER_DEFINED: -1000.0, UNUSED: -1000.0, BYTE: 0.0}
 
 
@@ -55,14 +55,7 @@ def vocabulary(tok: dict, n_vocab: int, space_runs: bool) -> tuple[list[str], li
     not use are [PADn] of type UNUSED). space_runs: whitespace runs held with ▁ are Gemma's
     user-defined tokens spelled with spaces."""
     vocab = tok["model"]["vocab"]
-    by_id = {i: t for t, i in vocab.items()}
-    kinds = {i: NORMAL for i in by_id}
-    for added in tok.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        kinds[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    if by_id and max(by_id) >= n_vocab:
-        raise UserError(f"the tokenizer has token id {max(by_id)} but the model's embedding has "
-                        f"{n_vocab} rows: the model folder is inconsistent")
+    by_id, kinds = tokens_by_id(tok, n_vocab)
     for i, t in by_id.items():
         if kinds[i] != NORMAL:
             continue

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import UserError
 from . import sentencepiece
 
-NORMAL, USER_DEFINED, CONTROL, UNUSED = 1, 4, 3, 5  # gguf.TokenType
+from .tokens import UNUSED, tokens_by_id
 
 
 def read_tokenizer(model_dir: Path) -> dict:
@@ -84,14 +84,7 @@ def vocabulary(tok: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     """Tokens in id order and their types, n_vocab of them (the embedding's rows); ids the
     tokenizer does not use are [PADn] placeholders of type UNUSED, as convert_hf_to_gguf.py
     writes them."""
-    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
-    kinds = {i: NORMAL for i in by_id}
-    for added in tok.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        kinds[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    if by_id and max(by_id) >= n_vocab:
-        raise UserError(f"the tokenizer has token id {max(by_id)} but the model's embedding has "
-                        f"{n_vocab} rows: the model folder is inconsistent")
+    by_id, kinds = tokens_by_id(tok, n_vocab)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     types = [kinds.get(i, UNUSED) for i in range(n_vocab)]
     return tokens, types
