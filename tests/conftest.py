@@ -52,3 +52,16 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     splits.prepare("shipped", out)
     return out
+
+
+def read_back_logits(gguf_path, folder, messages):
+    """score_logits of a GGUF read back by step 1 (float32) into `folder`: what an export says."""
+    from smslora import artifacts
+    from smslora.convert.to_mlx import convert_gguf
+    from smslora.model import load_model
+    from smslora.scoring import score_logits
+
+    folder.mkdir()
+    convert_gguf(gguf_path, folder, dtype="float32")
+    artifacts.write_checksums(folder, "scripts/01_download_model.py")
+    return score_logits(*load_model(folder), messages)

@@ -49,15 +49,21 @@ def test_metadata_is_what_llama_cpp_s_converter_writes(f16):
             assert ours[key].contents() == theirs[key].contents(), key
 
 
+def llama_cpp_check(tmp_path, model, f16, sample, kind) -> dict:
+    """llama.cpp on the f16 export (or a fresh `kind` one) of model against MLX: same tokens."""
+    path = f16
+    if kind != "f16":
+        export("--model", model, "--out", tmp_path / kind, "--gguf", kind)
+        path = tmp_path / kind / step.gguf_file(kind)
+    got = check.check_gguf(path, model, sample, 0.5, LLAMA, threads=1)
+    assert got["token_ids_identical"] == len(sample) and got["label_ids_identical"]
+    return got
+
+
 @needs_llama
 @pytest.mark.parametrize("kind,max_dp", [("f16", 0.01), ("q8_0", 0.02)])
 def test_llama_cpp_scores_the_real_model_like_mlx(tmp_path, baseline, f16, sample, kind, max_dp):
-    path = f16
-    if kind != "f16":
-        export("--model", baseline, "--out", tmp_path / kind, "--gguf", kind)
-        path = tmp_path / kind / step.gguf_file(kind)
-    got = check.check_gguf(path, baseline, sample, 0.5, LLAMA, threads=1)
-    assert got["token_ids_identical"] == len(sample) and got["label_ids_identical"]
+    got = llama_cpp_check(tmp_path, baseline, f16, sample, kind)
     assert got["max_abs_dp"] <= max_dp and got["verdicts_differ"] == 0, got
 
 
@@ -124,11 +130,6 @@ def test_gemma_metadata_is_google_s(gemma_f16):
 @needs_llama
 @pytest.mark.parametrize("kind,max_dp", [("f16", 0.01), ("q8_0", 0.05)])
 def test_llama_cpp_scores_real_gemma_like_mlx(tmp_path, gemma, gemma_f16, sample, kind, max_dp):
-    path = gemma_f16
-    if kind != "f16":
-        export("--model", gemma, "--out", tmp_path / kind, "--gguf", kind)
-        path = tmp_path / kind / step.gguf_file(kind)
-    got = check.check_gguf(path, gemma, sample, 0.5, LLAMA, threads=1)
-    assert got["token_ids_identical"] == len(sample) and got["label_ids_identical"]
+    got = llama_cpp_check(tmp_path, gemma, gemma_f16, sample, kind)
     assert got["llama_adds_bos"]
     assert got["max_abs_dp"] <= max_dp and got["verdicts_differ"] == 0, got
