@@ -98,8 +98,10 @@ def test_a_dead_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path, tiny_mod
     ours = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "rank 0" in ours[0] and "checkpoint" in ours[0], err
     assert "Traceback" not in err
+    # the checkpoint is the last numbered save, or (when rank 0 sees the collective fail
+    # before mlx.launch stops it) the last step both ranks completed
     state = json.loads(checkpoint.read_text())
-    assert state["step"] % 5 == 0 and state["step"] >= 5
+    assert state["step"] >= 5, state["step"]
     # one process takes over from the last checkpoint and finishes the run
     r = run_script("03_train.py", "--resume", "--adapter-path", out / "adapters",
                    "--reports", out / "reports", "--iters", 400)
