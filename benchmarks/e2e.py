@@ -32,7 +32,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="runme.sh's --config (default: the base's)")
-    p.add_argument("--base", default=None, help="runme.sh's --base (default: smollm2-135m)")
+    p.add_argument("--base", default=None, help="runme.sh's --base (default: runme.sh's)")
     p.add_argument("--no-run", action="store_true", help="only read the last run's timings")
     p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_e2e.json")
     args = p.parse_args(argv)

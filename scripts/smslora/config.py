@@ -77,7 +77,7 @@ class TrainConfig:
 def default_config_name(model_dir: str | Path) -> str:
     """The recipe a base model trains with when no --config is given: configs/BASE.yaml for a
     folder step 1 made from a registered base that has its own recipe (source.json's "base"),
-    else configs/default.yaml (SmolLM2-135M's)."""
+    else configs/default.yaml (SmolLM2-135M's, and any other base's)."""
     from .bases import recorded_base
 
     base = recorded_base(Path(model_dir))

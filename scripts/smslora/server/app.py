@@ -175,7 +175,8 @@ def create_app(model, tokenizer, threshold: float, info: dict, settings: Setting
             await scorer.stop()
 
     app = FastAPI(title="SMS spam classifier",
-                  description="A LoRA-fine-tuned SmolLM2-135M that tells SMS spam from ham. "
+                  description="A LoRA-fine-tuned small language model that tells SMS spam from "
+                              "ham (GET /v1/model says which). "
                               "Requests that arrive together are scored in one batch.",
                   version="1.0", lifespan=lifespan)
     examples = read_examples(settings.stress_suite)
