@@ -20,7 +20,7 @@ from smslora.export.gguf import gguf_name
 from smslora.model import load_model
 from smslora.scoring import score_logits
 from test_architectures import vocab_with_labels
-from test_export import LLAMA, ODD, edit_json, fails, needs_llama
+from test_export import LLAMA, ODD, TORCH, edit_json, export, fails, needs_llama, needs_peft
 from test_gguf_convert import write_tiny_gguf
 
 
@@ -157,3 +157,20 @@ def test_llama_cpp_tokenizes_and_scores_gemma3_like_mlx(tmp_path, gemma, f16, me
     assert kind != "f16" or got["verdicts_differ"] == 0, got["disagreements"]
     assert json.loads((path.parent / step.MANIFEST).read_text())["gguf"]["architecture"] == \
         "gemma3"
+
+
+@needs_peft
+def test_transformers_peft_scores_a_gemma3_adapter_like_mlx(tmp_path, messages):
+    """The PEFT export of a Gemma 3 adapter, loaded by transformers on write_hf_base's copy of the
+    base. Width 96: mlx-lm's bfloat16 embedding scale (9.8125) is not sqrt(96), so the copy must
+    undo step 1's correction, as for llama.cpp, for the logits to agree to float32 rounding."""
+    write_tiny_gguf(tmp_path / "m.gguf", "gemma3", hidden=96, vocab=vocab_with_labels("gemma3"))
+    assert make_baseline(tmp_path / "base", gguf=tmp_path / "m.gguf") == 0
+    adapter = check.random_adapter(tmp_path / "base", tmp_path / "adapters", num_layers=2,
+                                   rank=4, b_std=0.05)
+    export("--peft", "--adapter-path", adapter, "--out", tmp_path / "peft", "--base-id", "tiny")
+    hf_base = check.write_hf_base(tmp_path / "base", tmp_path / "hf_base")
+    got = check.check_peft(tmp_path / "peft", hf_base, tmp_path / "base", adapter, messages, 0.5,
+                           TORCH)
+    assert got["loaded_exactly"] and got["adapter_moves_p_spam_by"] > 0.05, got
+    assert got["max_abs_dlogit"] <= 1e-4 and got["verdicts_differ"] == 0, got

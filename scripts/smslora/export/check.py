@@ -98,15 +98,20 @@ def check_gguf(gguf_path: Path, model_dir: Path, messages: list[str], threshold:
 def write_hf_base(model_dir: Path, out_dir: Path) -> Path:
     """A float32 copy of a project model folder in Hugging Face's layout (config.json without
     mlx's quantization keys, model.safetensors, tokenizer files): what transformers loads as the
-    base of a PEFT adapter. mlx-lm's llama names are Hugging Face's."""
+    base of a PEFT adapter. mlx-lm's llama and gemma3_text names are Hugging Face's; Gemma's
+    embedding scale is undone as for llama.cpp (transformers, too, scales by sqrt(hidden) in
+    float32)."""
     import shutil
 
     from safetensors.numpy import save_file
 
     from . import source
+    from .archs import TARGETS
 
     config = source.read_config(model_dir)
     weights, _ = source.float_weights(model_dir)
+    if config.get("model_type") in TARGETS:
+        TARGETS[config["model_type"]].prepare(weights, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
