@@ -81,10 +81,10 @@ part() {  # part SECONDS NAME COMMAND...: run it under a time limit (0 seconds: 
     grep -c '[.]ptx$')" >> "$OUT/$name.log"
   grep -v "^Iter" "$OUT/$name.log" | tail -n 40
 }
-part "${E2E_S:-300}" e2e python3 benchmarks/e2e.py --out "$OUT/bench_e2e.json"
+part "${E2E_S:-300}" e2e python3 benchmarks/e2e.py --base smollm2-135m --out "$OUT/bench_e2e.json"
 cp reports/report.md "$OUT/" 2>/dev/null
 # again, on a machine whose kernels the first run compiled
-part "${E2E2_S:-0}" e2e2 python3 benchmarks/e2e.py --out "$OUT/bench_e2e2.json"
+part "${E2E2_S:-0}" e2e2 python3 benchmarks/e2e.py --base smollm2-135m --out "$OUT/bench_e2e2.json"
 part "${PROBE_S:-120}" probe python3 benchmarks/probe.py --messages 128 --steps 20 \
   ${PROBE_VARIANTS:+--variants $PROBE_VARIANTS} \
   --out "$OUT/bench_probe.json"
