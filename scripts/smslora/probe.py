@@ -16,7 +16,7 @@ from .bases import recorded_base
 from .baselines import held_out_rows, log_result, measure, training_file
 from .errors import require_model
 from .metrics import spam_labels
-from .threshold import choose_threshold, natural_ratio
+from .threshold import choose_threshold, false_alarm_weight
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried, on standardised features
 
@@ -68,7 +68,7 @@ def run(model_dir: Path, adapter_path: Path, data_dir: Path, out_dir: Path,
         return np.stack([cache[t] for t in texts])
 
     held_spam = spam_labels(held)
-    ham_weight = natural_ratio(Path(data_dir)) / (np.sum(~held_spam) / max(np.sum(held_spam), 1))
+    ham_weight = false_alarm_weight(Path(data_dir), held_spam)
     best = fit(feats([r["message"] for r in train]), spam_labels(train),
                feats([r["message"] for r in held]), held_spam, ham_weight)
     clf = best.pop("model")

@@ -51,6 +51,12 @@ def natural_ratio(data: Path) -> float:
         return 4517 / 642
 
 
+def false_alarm_weight(data: Path, spam: np.ndarray) -> float:
+    """The weight of a false alarm on a held-out set with labels `spam`: the natural ham:spam
+    ratio over the set's own, so that the set counts as if at the natural ratio."""
+    return natural_ratio(data) / (np.sum(~spam) / max(np.sum(spam), 1))
+
+
 def choose_threshold(p_spam: np.ndarray, spam: np.ndarray, ham_weight: float) -> dict:
     """The P(spam) cut with the fewest held-out errors, a false alarm on ham weighted by
     ham_weight (so that the held-out set counts as if at the natural ham:spam ratio).
